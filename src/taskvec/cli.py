@@ -1,0 +1,207 @@
+"""The ``taskvec`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from taskvec.algebra import Model, TaskVector, apply, load, load_model
+from taskvec.engine import default_threads
+from taskvec.errors import CheckpointError, TaskvecError
+from taskvec.io.checkpoint import open_checkpoint
+from taskvec.io.dtypes import dtype_name
+from taskvec.io.writer import DEFAULT_SHARD_SIZE
+from taskvec.merge import merge as run_merge
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("taskvec")
+
+
+def _friendly(fn: F) -> F:
+    """Turn every expected failure into one line on stderr and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TaskvecError as e:
+            click.echo(f"taskvec: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("taskvec: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("taskvec: error: out of memory (try --threads 1)", err=True)
+            sys.exit(1)
+        except OSError as e:
+            click.echo(f"taskvec: error: {e.filename or ''}: {e.strerror or e}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_threads = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help=f"Worker threads (default: the usable cores, here {default_threads()}).",
+)
+_overwrite = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+_dtype = click.option(
+    "--dtype", default=None, help="Output dtype (float32, float16, bfloat16). Default: the inputs'."
+)
+_shard = click.option(
+    "--shard-size", default=str(DEFAULT_SHARD_SIZE), show_default=True,
+    help="Largest output shard, e.g. 2GB or 500MB.",
+)
+_quiet = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="taskvec")
+def main(verbose: int) -> None:
+    """Merge and edit fine-tuned models through their task vectors, streamed tensor by tensor."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="taskvec: %(message)s")
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan from headers only.")
+@_threads
+@_overwrite
+@_shard
+@click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE...).")
+@_quiet
+@_friendly
+def merge(
+    config: Path,
+    out: Path,
+    dry_run: bool,
+    threads: int | None,
+    overwrite: bool,
+    shard_size: str,
+    random_seed: int | None,
+    no_progress: bool,
+) -> None:
+    """Merge the models of a mergekit-style YAML CONFIG into the folder OUT."""
+    plan = run_merge(
+        config, out, dry_run=dry_run, threads=threads, overwrite=overwrite,
+        shard_size=shard_size, random_seed=random_seed, progress=not no_progress,
+    )
+    if not dry_run:
+        click.echo(f"merged {len(plan.jobs)} tensors with {plan.method.name} into {out}")
+        return
+    click.echo(f"plan: {plan.method.name} -> {out}")
+    for line in plan.summary(threads or default_threads()).lines():
+        click.echo(f"  {line}")
+    if plan.problems:
+        click.echo(f"{len(plan.problems)} problem(s) would stop this merge:", err=True)
+        for p in plan.problems:
+            click.echo(f"  - {p}", err=True)
+        sys.exit(1)
+    click.echo("OK: no problems found (nothing was written)")
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("finetuned", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_dtype
+@_shard
+@_threads
+@_overwrite
+@_quiet
+@_friendly
+def diff(
+    base: Path, finetuned: Path, out: Path, dtype: str | None, shard_size: str,
+    threads: int | None, overwrite: bool, no_progress: bool,
+) -> None:
+    """Extract the task vector FINETUNED − BASE into OUT."""
+    tau = load_model(finetuned) - load_model(base)
+    tau.save(out, dtype=dtype, shard_size=shard_size, threads=threads, overwrite=overwrite,
+             progress=not no_progress)
+    click.echo(f"saved task vector ({len(tau.names)} tensors) to {out}")
+
+
+@main.command("apply")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("vectors", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="λ in base + λ·Σ τ (negative to subtract: unlearning).")
+@_dtype
+@_shard
+@_threads
+@_overwrite
+@_quiet
+@_friendly
+def apply_cmd(
+    base: Path, vectors: tuple[Path, ...], out: Path, scale: float, dtype: str | None,
+    shard_size: str, threads: int | None, overwrite: bool, no_progress: bool,
+) -> None:
+    """Apply task vectors to BASE: OUT = BASE + scale · Σ VECTORS."""
+    taus = []
+    for v in vectors:
+        loaded = load(v)
+        if not isinstance(loaded, TaskVector):
+            raise CheckpointError(f"{v}: is a model, not a task vector (make one with taskvec diff)")
+        taus.append(loaded)
+    model = apply(load_model(base), taus, scale)
+    model.save(out, dtype=dtype, shard_size=shard_size, threads=threads, overwrite=overwrite,
+               progress=not no_progress)
+    click.echo(f"saved {base} + {scale:g}·Σ({len(taus)} task vectors) to {out}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@_friendly
+def info(path: Path, show_tensors: bool) -> None:
+    """Describe a checkpoint or task vector from its headers."""
+    ckpt = open_checkpoint(path)
+    obj: Model | TaskVector = load(path)
+    kind = "task vector" if isinstance(obj, TaskVector) else "model"
+    dtypes: dict[str, int] = {}
+    params = 0
+    for i in ckpt.tensors.values():
+        dtypes[dtype_name(i.dtype)] = dtypes.get(dtype_name(i.dtype), 0) + 1
+        params += i.numel
+    files = sorted({i.file.name for i in ckpt.tensors.values()})
+    click.echo(f"{path}: {kind}")
+    click.echo(f"  tensors:    {len(ckpt)} in {len(files)} file(s)")
+    click.echo(f"  parameters: {params:,}")
+    click.echo(f"  size:       {ckpt.nbytes / 1e9:.3f} GB")
+    click.echo("  dtypes:     " + ", ".join(f"{k} ×{v}" for k, v in sorted(dtypes.items())))
+    cfg = ckpt.config
+    if cfg:
+        arch = ",".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
+        click.echo(f"  config:     {arch}")
+    if isinstance(obj, Model):
+        click.echo(f"  fingerprint: {obj.fingerprint()}")
+    elif (fp := ckpt.metadata.get("taskvec.base_fingerprint")) is not None:
+        click.echo(f"  base fingerprint: {fp}")
+    if show_tensors:
+        for name, i in ckpt.tensors.items():
+            click.echo(f"  {name}  {list(i.shape)}  {dtype_name(i.dtype)}")
+
+
+def _register_optional_commands() -> None:
+    """Commands that live with their feature (the benchmark harness)."""
+    try:
+        from taskvec.bench.demo import demo
+    except ImportError:
+        return
+    main.add_command(demo)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The streaming engine: runs per-tensor jobs with a bounded working set and writes the results.
+
+The engine knows nothing about merge methods or task vectors. A :class:`Job` is "produce the
+tensor called *name*, of this shape and dtype" plus a closure that does it; the engine
+schedules jobs on a small thread pool (tensor-level parallelism, one intra-op thread per
+worker so two workers never oversubscribe the cores), checks each result is finite, and hands
+it to a :class:`~taskvec.io.writer.CheckpointWriter` that writes it at its planned offset.
+At most ``threads`` jobs are in memory at any time, so peak memory is about
+``threads × max(job.work_bytes)`` plus buffers, independent of the model's size. Output bytes
+do not depend on the thread count: each tensor is computed the same way whichever worker runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from taskvec.errors import NumericError
+from taskvec.io.dtypes import dtype_name
+from taskvec.io.writer import CheckpointWriter, PlannedTensor
+
+log = logging.getLogger("taskvec")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: its name, shape, output dtype, cost estimates and how to compute it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read_bytes: int
+    work_bytes: int
+    compute: Callable[[], torch.Tensor]
+
+    @property
+    def out_bytes(self) -> int:
+        return PlannedTensor(self.name, self.shape, self.dtype).nbytes
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a run will do, from headers alone."""
+
+    tensors: int
+    bytes_in: int
+    bytes_out: int
+    peak_bytes: int
+    threads: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"tensors:           {self.tensors}",
+            f"bytes to read:     {_human(self.bytes_in)}",
+            f"bytes to write:    {_human(self.bytes_out)}",
+            f"threads:           {self.threads}",
+            f"est. peak memory:  {_human(self.peak_bytes)} (working set, excluding Python/torch)",
+        ]
+
+
+@dataclass(frozen=True)
+class RunStats:
+    tensors: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
+def default_threads() -> int:
+    """Worker threads to use: the cores this process may run on (at most 8)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def summarize(jobs: Sequence[Job], threads: int) -> PlanSummary:
+    works = sorted((j.work_bytes for j in jobs), reverse=True)[: max(threads, 1)]
+    return PlanSummary(
+        tensors=len(jobs),
+        bytes_in=sum(j.read_bytes for j in jobs),
+        bytes_out=sum(j.out_bytes for j in jobs),
+        peak_bytes=sum(works),
+        threads=threads,
+    )
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (process-wide)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def parallel_map(
+    fn: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None
+) -> Iterator[R]:
+    """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight.
+
+    With ``threads > 1`` each worker runs with one intra-op torch thread. The first exception
+    raised by ``fn`` propagates and the remaining items are cancelled.
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    window = window or threads + 1
+    with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericError(
+            f"tensor {name!r}: {bad} NaN/Inf value(s) produced in {dtype_name(tensor.dtype)}"
+        )
+
+
+def execute(
+    jobs: Sequence[Job],
+    writer: CheckpointWriter,
+    *,
+    threads: int = 1,
+    progress: bool = True,
+    description: str = "writing",
+) -> RunStats:
+    """Run every job and write its result. Raises on the first failure (the caller aborts)."""
+    start = time.perf_counter()
+    total = sum(j.out_bytes for j in jobs)
+    log.info("%s %d tensors (%s) with %d thread(s)", description, len(jobs), _human(total), threads)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=description,
+        disable=not progress,
+        leave=False,
+    )
+
+    def run(job: Job) -> int:
+        result = job.compute()
+        if tuple(result.shape) != job.shape:
+            raise NumericError(
+                f"tensor {job.name!r}: computed shape {tuple(result.shape)} != planned {job.shape}"
+            )
+        result = result.to(job.dtype)
+        check_finite(job.name, result)
+        writer.write(job.name, result)
+        return job.out_bytes
+
+    try:
+        for nbytes in parallel_map(run, jobs, threads):
+            bar.update(nbytes)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    stats = RunStats(len(jobs), sum(j.read_bytes for j in jobs), total, seconds)
+    log.info(
+        "wrote %s in %.1f s (%s/s)", _human(total), seconds, _human(int(total / max(seconds, 1e-9)))
+    )
+    return stats
+
+
+def _human(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,318 @@
+"""Lazy checkpoint readers.
+
+A :class:`Checkpoint` knows every tensor's name, shape and dtype from file headers alone and
+reads one tensor at a time on request. Supported layouts:
+
+* a Hugging Face ``save_pretrained`` folder: ``model.safetensors``, sharded safetensors with
+  ``model.safetensors.index.json``, ``pytorch_model.bin`` or its sharded form with
+  ``pytorch_model.bin.index.json`` (any ``*.index.json`` whose ``weight_map`` names the shards);
+* a single ``.safetensors``, ``.bin``, ``.pt`` or ``.pth`` state-dict file.
+
+Safetensors are read with positioned reads (``os.pread``) into fresh buffers rather than through
+a memory map, so resident memory holds only the tensors in use, whatever the model's size.
+Pickled checkpoints go through ``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from taskvec.errors import CheckpointError
+from taskvec.io.dtypes import SAFETENSORS_CODES, element_size
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+class _TensorFile(Protocol):
+    path: Path
+
+    def infos(self) -> dict[str, TensorInfo]: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+    def metadata(self) -> dict[str, str]: ...
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header parsed eagerly, tensor bytes read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) != 8:
+                    raise CheckpointError(f"{path}: corrupt safetensors file (shorter than 8 bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(f"{path}: corrupt safetensors file (bad header length)")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
+        self._meta: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        data_len = size - self._data_start
+        for name, entry in header.items():
+            try:
+                dtype = SAFETENSORS_CODES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(
+                    f"{path}: corrupt or unsupported header entry for tensor {name!r}"
+                ) from None
+            info = TensorInfo(name, shape, dtype, path)
+            if end - begin != info.nbytes or begin < 0 or end > data_len:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (tensor {name!r} lies "
+                    f"outside the file's {data_len} data bytes)"
+                )
+            self._infos[name] = info
+            self._offsets[name] = (begin, end)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def metadata(self) -> dict[str, str]:
+        return self._meta
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        begin, end = self._offsets[name]
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(end - begin)
+        view = memoryview(buf)
+        fd = self._descriptor()
+        pos, offset = 0, self._data_start + begin
+        while pos < len(buf):
+            got = os.preadv(fd, [view[pos:]], offset + pos)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+            pos += got
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class PickleFile:
+    """A pickled state dict (``.bin``/``.pt``), memory-mapped by ``torch.load``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many kinds for a bad archive
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: cannot load as a PyTorch checkpoint ({first})") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: does not hold a state dict (found {type(obj).__name__})")
+        self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        self._infos = {
+            k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in self._tensors.items()
+        }
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name].clone()
+
+
+def _open_file(path: Path) -> _TensorFile:
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    return PickleFile(path)
+
+
+class Checkpoint:
+    """A lazily read set of named tensors, possibly spread over several files.
+
+    ``root`` is the folder holding the model (for config and tokenizer files); for a single
+    weight file it is that file's folder.
+    """
+
+    def __init__(self, path: Path, files: list[Path], root: Path) -> None:
+        self.path = path
+        self.root = root
+        self._files: list[_TensorFile] = [_open_file(f) for f in files]
+        self._by_name: dict[str, _TensorFile] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for tf in self._files:
+            for name, info in tf.infos().items():
+                if name in self._infos:
+                    raise CheckpointError(f"{path}: tensor {name!r} appears in two files")
+                self._infos[name] = info
+                self._by_name[name] = tf
+
+    # --- header-level queries -------------------------------------------------------------
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Name -> :class:`TensorInfo`, in file order."""
+        return self._infos
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the first safetensors file (empty for pickles)."""
+        return self._files[0].metadata() if self._files else {}
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """``config.json`` next to the weights, if any."""
+        cfg = self.root / "config.json"
+        if not cfg.is_file():
+            return None
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from None
+        return data if isinstance(data, dict) else None
+
+    def side_files(self) -> list[Path]:
+        """Non-weight files of a model folder (config, tokenizer, generation config...)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_file()
+            and not p.name.startswith(".")
+            and p.suffix in {".json", ".txt", ".model", ".jinja", ".tiktoken"}
+            and not p.name.endswith(".index.json")
+            and p.name != "taskvec.json"
+        )
+
+    # --- data -----------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` in its stored dtype, as a fresh CPU tensor."""
+        try:
+            tf = self._by_name[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+        return tf.read(name)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: corrupt index (no readable weight_map)") from None
+    files = [index.parent / n for n in names]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{index}: names shard {f.name} which does not exist")
+    return files
+
+
+def resolve_weight_files(path: Path) -> tuple[list[Path], Path]:
+    """The weight files of a checkpoint path and its root folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _index_files(path), path.parent
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise CheckpointError(
+                f"{path}: not a checkpoint (expected .safetensors, .bin, .pt, .pth or a folder)"
+            )
+        return [path], path.parent
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index_name).is_file():
+            return _index_files(path / index_name), path
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single], path
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors, path
+    pickles = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if len(pickles) == 1:
+        return pickles, path
+    raise CheckpointError(f"{path}: no model weights found (no safetensors or pytorch_model.bin)")
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint lazily; only headers are read."""
+    p = Path(path).expanduser()
+    files, root = resolve_weight_files(p)
+    return Checkpoint(p, files, root)

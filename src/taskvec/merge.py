@@ -1,0 +1,479 @@
+"""Config-driven merges: plan from headers, validate everything, then stream.
+
+:func:`plan_merge` turns a :class:`~taskvec.config.MergeConfig` into engine jobs, reading only
+headers and config files: it opens every input, maps output tensors to input tensors (layer
+slices included), resolves every parameter for every tensor, and probes the method on tiny
+tensors with those parameters, so that a typo, a missing tensor, a shape mismatch or a
+parameter set that would produce NaN is reported before any tensor data is read.
+:func:`merge` then runs the plan with the streaming engine.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taskvec import methods
+from taskvec.config import MergeConfig, OutputSlice, Parameters, lookup, parse_config
+from taskvec.engine import Job, PlanSummary, default_threads, execute, summarize
+from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
+from taskvec.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from taskvec.io.dtypes import dtype_name, parse_dtype
+from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, PlannedTensor, check_output_path
+from taskvec.layout import LayerLayout
+from taskvec.methods.registry import REQUIRED, MergeMethod
+
+log = logging.getLogger("taskvec")
+
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One input of a slice: a checkpoint and the first layer it contributes."""
+
+    ref: str
+    ckpt: Checkpoint
+    start: int
+    parameters: Parameters
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: list[_Source]
+    base: _Source | None
+    parameters: Parameters
+    length: int
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge will do, known before any tensor is read."""
+
+    config: MergeConfig
+    method: MergeMethod
+    jobs: list[Job]
+    reference: Checkpoint
+    tokenizer_source: Checkpoint
+    out_config: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self, threads: int) -> PlanSummary:
+        return summarize(self.jobs, threads)
+
+
+class _Planner:
+    def __init__(self, cfg: MergeConfig, config_dir: Path | None, random_seed: int | None):
+        self.cfg = cfg
+        self.config_dir = config_dir
+        self.seed = random_seed
+        self.method = methods.get_method(cfg.merge_method)
+        self._open: dict[str, Checkpoint] = {}
+        self.problems: list[str] = []
+
+    # --- inputs ----------------------------------------------------------------------------
+    def checkpoint(self, ref: str) -> Checkpoint:
+        if ref not in self._open:
+            if "+" in ref and not Path(ref).exists():
+                raise ConfigError(f"model {ref!r}: LoRA references (model+lora) are not supported yet")
+            path = Path(ref).expanduser()
+            if not path.exists() and self.config_dir is not None and not path.is_absolute():
+                alt = self.config_dir / path
+                path = alt if alt.exists() else path
+            if not path.exists():
+                raise CheckpointError(
+                    f"model {ref!r}: no such local file or folder (taskvec reads local "
+                    "checkpoints; download hub models first)"
+                )
+            self._open[ref] = open_checkpoint(path)
+        return self._open[ref]
+
+    def check_parameters(self) -> None:
+        m, cfg = self.method, self.cfg
+        for key in cfg.parameters:
+            m.check_parameter(key, "parameters")
+        entries: list[tuple[str, Parameters, str]] = []
+        for im in cfg.models or []:
+            entries.append((im.model, im.parameters, f"model {im.model!r}"))
+        for i, sl in enumerate(cfg.slices or []):
+            for key in sl.parameters:
+                m.check_parameter(key, f"slices[{i}].parameters")
+            for s in sl.sources:
+                entries.append((s.model, s.parameters, f"slices[{i}] source {s.model!r}"))
+        for _, params, where in entries:
+            for key in params:
+                if m.check_parameter(key, where) == "global":
+                    raise ConfigError(
+                        f"{where}: {key!r} is a global parameter of {m.name}; set it under "
+                        "the top-level (or slice) parameters, not per model"
+                    )
+
+    def slices(self, layout_of: Callable[[Checkpoint], LayerLayout]) -> list[_Slice]:
+        cfg, m = self.cfg, self.method
+        if cfg.models is not None:
+            base_ref = cfg.base_model if m.base != "unused" else None
+            sources = [
+                _Source(im.model, self.checkpoint(im.model), 0, im.parameters)
+                for im in cfg.models
+                if im.model != base_ref
+            ]
+            base = _Source(base_ref, self.checkpoint(base_ref), 0, {}) if base_ref else None
+            ref = base.ckpt if base else sources[0].ckpt
+            return [_Slice(sources, base, {}, layout_of(ref).num_layers)]
+        out = []
+        for i, sl in enumerate(cfg.slices or []):
+            out.append(self._slice(i, sl))
+        return out
+
+    def _slice(self, i: int, sl: OutputSlice) -> _Slice:
+        base_ref = (sl.base_model or self.cfg.base_model) if self.method.base != "unused" else None
+        sources, base = [], None
+        for s in sl.sources:
+            src = _Source(s.model, self.checkpoint(s.model), s.layer_range[0], s.parameters)
+            if s.model == base_ref:
+                base = src
+            else:
+                sources.append(src)
+        if base_ref and base is None:
+            raise ConfigError(
+                f"slices[{i}]: base model {base_ref!r} must be one of the slice's sources "
+                "(give its layer_range)"
+            )
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        return _Slice(sources, base, sl.parameters, length)
+
+    # --- per tensor -----------------------------------------------------------------------
+    def parameters(
+        self, sl: _Slice, name: str, t: float
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        m, top = self.method, self.cfg.parameters
+        per_model: dict[str, torch.Tensor] = {}
+        for key, default in m.per_model.items():
+            values = []
+            for src in sl.sources:
+                found, v = lookup(key, [src.parameters, sl.parameters, top], name, t)
+                if not found:
+                    if default is REQUIRED:
+                        raise ConfigError(
+                            f"model {src.ref!r}: missing required parameter {key!r} "
+                            f"for tensor {name!r}"
+                        )
+                    v = default
+                values.append(_number(key, v))
+            per_model[key] = torch.tensor(values, dtype=torch.float32)
+        global_: dict[str, Any] = {}
+        for key, default in m.globals.items():
+            found, v = lookup(key, [sl.parameters, top], name, t)
+            global_[key] = _typed(key, v, default) if found else default
+        return per_model, global_
+
+
+def _number(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConfigError(f"parameter {key!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def _typed(key: str, v: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ConfigError(f"parameter {key!r} must be true or false, got {v!r}")
+        return v
+    if isinstance(default, int | float) and default is not REQUIRED:
+        return _number(key, v)
+    return v
+
+
+def _seed_for(seed: int | None, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _make_compute(
+    method: MergeMethod,
+    inputs: list[tuple[Checkpoint, str]],
+    base: tuple[Checkpoint, str] | None,
+    per_model: dict[str, torch.Tensor],
+    global_: dict[str, Any],
+    seed: int | None,
+    name: str,
+) -> Callable[[], torch.Tensor]:
+    def compute() -> torch.Tensor:
+        first = inputs[0][0].read(inputs[0][1])
+        work = torch.float64 if first.dtype == torch.float64 else torch.float32
+        stacked = torch.empty((len(inputs), *first.shape), dtype=work)
+        stacked[0].copy_(first)
+        del first
+        for i, (ckpt, tname) in enumerate(inputs[1:], start=1):
+            stacked[i].copy_(ckpt.read(tname))
+        base_t = base[0].read(base[1]).to(work) if base is not None else None
+        return _call(method, stacked, base_t, per_model, global_, seed, name)
+
+    return compute
+
+
+def _call(
+    method: MergeMethod,
+    stacked: torch.Tensor,
+    base: torch.Tensor | None,
+    per_model: dict[str, torch.Tensor],
+    global_: dict[str, Any],
+    seed: int | None,
+    name: str,
+) -> torch.Tensor:
+    extra: dict[str, Any] = {}
+    if method.random:
+        extra["generator"] = torch.Generator().manual_seed(_seed_for(seed, name))
+    return method.fn(stacked, base, **per_model, **global_, **extra)
+
+
+def _probe(
+    method: MergeMethod,
+    n: int,
+    has_base: bool,
+    per_model: dict[str, torch.Tensor],
+    global_: dict[str, Any],
+) -> str | None:
+    """Run the method on tiny tensors with these parameters; an error message if it fails."""
+    x = torch.linspace(0.5, 1.5, n * 4).reshape(n, 4)
+    base = torch.full((4,), 0.25) if has_base else None
+    try:
+        out = _call(method, x, base, per_model, global_, 0, "probe")
+    except TaskvecError as e:
+        return str(e)
+    if not bool(torch.isfinite(out).all()):
+        return "these parameters produce NaN/Inf"
+    return None
+
+
+def plan_merge(
+    config: str | os.PathLike[str] | dict[str, Any] | MergeConfig,
+    *,
+    random_seed: int | None = None,
+) -> MergePlan:
+    """Validate a merge and build its jobs from headers alone (no tensor data is read)."""
+    config_dir = Path(config).parent if isinstance(config, str | os.PathLike) else None
+    cfg = parse_config(config)
+    planner = _Planner(cfg, config_dir, random_seed)
+    method = planner.method
+    planner.check_parameters()
+    layouts: dict[int, LayerLayout] = {}
+
+    def layout_of(ckpt: Checkpoint) -> LayerLayout:
+        if id(ckpt) not in layouts:
+            layouts[id(ckpt)] = LayerLayout.infer(ckpt.tensors)
+        return layouts[id(ckpt)]
+
+    if method.base == "required" and not (
+        cfg.base_model or any(s.base_model for s in cfg.slices or [])
+    ):
+        raise ConfigError(f"{method.name} needs a base_model")
+    slices = planner.slices(layout_of)
+    for sl in slices:
+        if len(sl.sources) < method.min_models:
+            raise ConfigError(
+                f"{method.name} needs at least {method.min_models} model(s) besides the base, "
+                f"got {len(sl.sources)}"
+            )
+    ref_slice = slices[0]
+    reference = ref_slice.base.ckpt if ref_slice.base else ref_slice.sources[0].ckpt
+    layout = layout_of(reference)
+    out_dtype = parse_dtype(cfg.out_dtype or cfg.dtype)
+
+    # Output tensors: (output name, slice, layer offset in the slice, input suffix or name).
+    items: list[tuple[str, _Slice, int | None, str]] = []
+    if len(slices) == 1 and cfg.models is not None:
+        for name in reference.tensors:
+            layer, _ = layout.split(name)
+            items.append((name, ref_slice, layer, name))
+    else:
+        if layout.prefix is None:
+            raise ConfigError("slices need layered models, but no numbered layers were found")
+        pre = [n for n in reference.tensors if layout.split(n)[0] is None and layout.is_pre(n)]
+        post = [n for n in reference.tensors if layout.split(n)[0] is None and n not in pre]
+        items += [(n, slices[0], None, n) for n in pre]
+        suffixes = list(
+            dict.fromkeys(
+                suffix for n in reference.tensors for layer, suffix in [layout.split(n)]
+                if layer is not None
+            )
+        )
+        out_layer = 0
+        for sl in slices:
+            for k in range(sl.length):
+                for suffix in suffixes:
+                    items.append((layout.name(out_layer, suffix), sl, k, suffix))
+                out_layer += 1
+        items += [(n, slices[-1], None, n) for n in post]
+
+    jobs: list[Job] = []
+    probed: dict[tuple[Any, ...], str | None] = {}
+    for out_name, sl, layer, key in items:
+        srcs = sl.sources + ([sl.base] if sl.base else [])
+        if cfg.models is not None or layer is None:
+            names = [(s.ckpt, key) for s in srcs]
+        else:
+            names = [(s.ckpt, layout_of(s.ckpt).name(s.start + layer, key)) for s in srcs]
+        infos = _infos(planner, srcs, names)
+        if infos is None:
+            continue
+        ref_info = infos[-1] if sl.base else infos[0]
+        if not ref_info.is_float:
+            jobs.append(_copy_job(out_name, names[-1] if sl.base else names[0], ref_info))
+            continue
+        t = layout.relative_position(layer, 0, sl.length)
+        try:
+            per_model, global_ = planner.parameters(sl, out_name, t)
+        except ConfigError as e:
+            planner.problems.append(str(e))
+            continue
+        sig = (len(sl.sources), sl.base is not None, repr(per_model), repr(global_))
+        if sig not in probed:
+            probed[sig] = _probe(method, len(sl.sources), sl.base is not None, per_model, global_)
+        if probed[sig] is not None:
+            planner.problems.append(f"tensor {out_name!r}: {method.name}: {probed[sig]}")
+            continue
+        dtype = out_dtype or ref_info.dtype
+        n_in = len(names)
+        jobs.append(
+            Job(
+                name=out_name,
+                shape=ref_info.shape,
+                dtype=dtype,
+                read_bytes=sum(i.nbytes for i in infos),
+                work_bytes=4 * ref_info.numel * (2 * n_in + 2),
+                compute=_make_compute(
+                    method,
+                    names[: len(sl.sources)],
+                    names[-1] if sl.base else None,
+                    per_model,
+                    global_,
+                    random_seed,
+                    out_name,
+                ),
+            )
+        )
+
+    out_config = reference.config
+    if out_config is not None:
+        out_config = dict(out_config)
+        if out_dtype is not None:
+            out_config["torch_dtype"] = dtype_name(out_dtype)
+            if "dtype" in out_config:
+                out_config["dtype"] = dtype_name(out_dtype)
+        if cfg.slices is not None:
+            total = sum(sl.length for sl in slices)
+            for k in _LAYER_COUNT_KEYS:
+                if k in out_config:
+                    out_config[k] = total
+    return MergePlan(
+        config=cfg,
+        method=method,
+        jobs=jobs,
+        reference=reference,
+        tokenizer_source=_tokenizer_source(planner, cfg, reference),
+        out_config=out_config,
+        problems=planner.problems,
+    )
+
+
+def _infos(
+    planner: _Planner, srcs: list[_Source], names: list[tuple[Checkpoint, str]]
+) -> list[TensorInfo] | None:
+    infos: list[TensorInfo] = []
+    for src, (ckpt, tname) in zip(srcs, names, strict=True):
+        if tname not in ckpt.tensors:
+            planner.problems.append(f"model {src.ref!r} has no tensor {tname!r}")
+            return None
+        infos.append(ckpt.tensors[tname])
+    shapes = {i.shape for i in infos}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{s.ref}: {list(i.shape)}" for s, i in zip(srcs, infos, strict=True))
+        planner.problems.append(f"shape mismatch for tensor {names[0][1]!r}: {detail}")
+        return None
+    return infos
+
+
+def _copy_job(out_name: str, where: tuple[Checkpoint, str], info: TensorInfo) -> Job:
+    ckpt, name = where
+    return Job(out_name, info.shape, info.dtype, info.nbytes, info.nbytes, lambda: ckpt.read(name))
+
+
+def _tokenizer_source(planner: _Planner, cfg: MergeConfig, reference: Checkpoint) -> Checkpoint:
+    source = cfg.tokenizer_source or (cfg.tokenizer or {}).get("source") or "base"
+    if source == "base":
+        return reference
+    if source == "union":
+        inputs = list(planner._open.values())
+        files = [_tokenizer_files(c) for c in inputs]
+        same = all(
+            [p.name for p in f] == [p.name for p in files[0]]
+            and all(filecmp.cmp(a, b, shallow=False) for a, b in zip(f, files[0], strict=True))
+            for f in files
+        )
+        if not same:
+            raise ConfigError(
+                "tokenizer_source: union of different tokenizers is not supported yet; "
+                "name one model (or 'base') as tokenizer_source"
+            )
+        return reference
+    return planner.checkpoint(str(source))
+
+
+def _tokenizer_files(ckpt: Checkpoint) -> list[Path]:
+    return [p for p in ckpt.side_files() if p.name.startswith(_TOKENIZER_FILES)]
+
+
+def merge(
+    config: str | os.PathLike[str] | dict[str, Any] | MergeConfig,
+    out: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    threads: int | None = None,
+    overwrite: bool = False,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    random_seed: int | None = None,
+    progress: bool = True,
+) -> MergePlan:
+    """Plan, validate and (unless ``dry_run``) run a merge into the folder ``out``."""
+    plan = plan_merge(config, random_seed=random_seed)
+    out_path = Path(out).expanduser().absolute()
+    try:
+        check_output_path(out_path, overwrite)
+    except TaskvecError as e:
+        plan.problems.append(str(e))
+    if dry_run:
+        return plan
+    if plan.problems:
+        more = f" (and {len(plan.problems) - 1} more problem(s))" if len(plan.problems) > 1 else ""
+        raise IncompatibleError(plan.problems[0] + more)
+    n_threads = threads or default_threads()
+    writer = CheckpointWriter(
+        out_path,
+        [PlannedTensor(j.name, j.shape, j.dtype) for j in plan.jobs],
+        shard_size=shard_size,
+        overwrite=overwrite,
+        metadata={"taskvec.merge_method": plan.method.name},
+    )
+    with writer:
+        execute(plan.jobs, writer, threads=n_threads, progress=progress, description="merging")
+        tok = set(_tokenizer_files(plan.tokenizer_source))
+        for f in plan.reference.side_files():
+            if f.name != "config.json" and not f.name.startswith(_TOKENIZER_FILES):
+                writer.add_file(f)
+        for f in tok:
+            writer.add_file(f)
+        if plan.out_config is not None:
+            writer.add_json("config.json", plan.out_config)
+        writer.commit()
+    log.info("merged %s tensors into %s", len(plan.jobs), out_path)
+    return plan

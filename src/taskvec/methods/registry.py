@@ -1,0 +1,105 @@
+"""The merge-method interface and registry.
+
+A merge method is a small pure function over the stacked tensors of one parameter::
+
+    @merge_method("linear", base="unused", per_model={"weight": REQUIRED},
+                  globals={"normalize": True}, reference="Wortsman et al. 2022")
+    def linear(tensors, base, *, weight, normalize): ...
+
+* ``tensors``: float tensor of shape ``(N, *shape)``, one row per input model (the base model
+  is not among them unless the config lists it as an input);
+* ``base``: the base model's tensor (``*shape``), or ``None`` when the method uses no base;
+* per-model parameters arrive as float tensors of shape ``(N,)``, global ones as Python scalars;
+* methods marked ``random=True`` also get ``generator``, a seeded ``torch.Generator``.
+
+The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
+devices, or knows about other tensors: the engine streams, schedules and writes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from taskvec.errors import ConfigError
+
+REQUIRED: Any = object()
+BaseUse = Literal["required", "optional", "unused"]
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function, what it needs and its documented parameters."""
+
+    name: str
+    fn: MethodFn
+    base: BaseUse
+    per_model: dict[str, Any] = field(default_factory=dict)
+    globals: dict[str, Any] = field(default_factory=dict)
+    reference: str = ""
+    random: bool = False
+    min_models: int = 1
+
+    @property
+    def formula(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0]
+
+    def check_parameter(self, key: str, where: str) -> Literal["per_model", "global"]:
+        if key in self.per_model:
+            return "per_model"
+        if key in self.globals:
+            return "global"
+        known = sorted({*self.per_model, *self.globals})
+        hint = difflib.get_close_matches(key, known, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"{where}: {key!r} is not a parameter of {self.name} "
+            f"(it takes: {', '.join(known) or 'none'}){suggestion}"
+        )
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    base: BaseUse,
+    per_model: dict[str, Any] | None = None,
+    globals: dict[str, Any] | None = None,
+    reference: str = "",
+    random: bool = False,
+    min_models: int = 1,
+) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = MergeMethod(
+            name, fn, base, dict(per_model or {}), dict(globals or {}), reference, random,
+            min_models,
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"unknown merge_method {name!r} (known: {', '.join(sorted(_REGISTRY))}){suggestion}"
+        ) from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    return dict(sorted(_REGISTRY.items()))
