@@ -387,9 +387,7 @@ class WeightedModels:
         return self * (1.0 / c)
 
     def __repr__(self) -> str:
-        return (
-            f"<weighted models, weights sum to {self.total:g}: divide by it to get a model soup>"
-        )
+        return f"<weighted models, weights sum to {self.total:g}: divide by it to get a model soup>"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,8 +541,11 @@ class DiffVector(TaskVector):
             )
         only_ft = [n for n in fs if n not in bs]
         if only_ft:
-            log.info("task vector leaves out %d tensor(s) only in the fine-tuned model, e.g. %s",
-                     len(only_ft), only_ft[0])
+            log.info(
+                "task vector leaves out %d tensor(s) only in the fine-tuned model, e.g. %s",
+                len(only_ft),
+                only_ft[0],
+            )
         self._specs = specs
 
     @property
@@ -674,7 +675,7 @@ def _matcher(patterns: str | Iterable[str], empty: bool = True) -> Callable[[str
 
 
 def load(path: str | os.PathLike[str]) -> Model | TaskVector:
-    """Open a checkpoint lazily: a :class:`TaskVector` if it was saved as one, else a :class:`Model`."""
+    """Open a checkpoint lazily: a :class:`TaskVector` if saved as one, else a :class:`Model`."""
     ckpt = open_checkpoint(path)
     if ckpt.metadata.get("taskvec.kind") == TASK_VECTOR_KIND:
         return StoredVector(ckpt)
@@ -690,7 +691,7 @@ def load_model(path: str | os.PathLike[str]) -> Model:
 
 
 def analogy(a: Any, b: Any, c: Any) -> Any:
-    """"a is to b as c is to ?": ``c + (b − a)`` (for task vectors or models)."""
+    """ "a is to b as c is to ?": ``c + (b − a)`` (for task vectors or models)."""
     return c + (b - a)
 
 
@@ -704,7 +705,9 @@ def apply(base: Model, vectors: Iterable[TaskVector], scale: float = 1.0) -> Mod
             log.warning(
                 "%r was extracted from a base with fingerprint %s, this base has %s; "
                 "applying anyway since every tensor name and shape fits",
-                v, want, fp,
+                v,
+                want,
+                fp,
             )
     if not vectors:
         raise IncompatibleError("no task vector to apply")

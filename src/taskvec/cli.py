@@ -47,7 +47,9 @@ def _friendly(fn: F) -> F:
 
 
 _threads = click.option(
-    "--threads", type=click.IntRange(min=1), default=None,
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
     help=f"Worker threads (default: the usable cores, here {default_threads()}).",
 )
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -55,7 +57,9 @@ _dtype = click.option(
     "--dtype", default=None, help="Output dtype (float32, float16, bfloat16). Default: the inputs'."
 )
 _shard = click.option(
-    "--shard-size", default=str(DEFAULT_SHARD_SIZE), show_default=True,
+    "--shard-size",
+    default=str(DEFAULT_SHARD_SIZE),
+    show_default=True,
     help="Largest output shard, e.g. 2GB or 500MB.",
 )
 _quiet = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -92,8 +96,14 @@ def merge(
 ) -> None:
     """Merge the models of a mergekit-style YAML CONFIG into the folder OUT."""
     plan = run_merge(
-        config, out, dry_run=dry_run, threads=threads, overwrite=overwrite,
-        shard_size=shard_size, random_seed=random_seed, progress=not no_progress,
+        config,
+        out,
+        dry_run=dry_run,
+        threads=threads,
+        overwrite=overwrite,
+        shard_size=shard_size,
+        random_seed=random_seed,
+        progress=not no_progress,
     )
     if not dry_run:
         click.echo(f"merged {len(plan.jobs)} tensors with {plan.method.name} into {out}")
@@ -120,13 +130,25 @@ def merge(
 @_quiet
 @_friendly
 def diff(
-    base: Path, finetuned: Path, out: Path, dtype: str | None, shard_size: str,
-    threads: int | None, overwrite: bool, no_progress: bool,
+    base: Path,
+    finetuned: Path,
+    out: Path,
+    dtype: str | None,
+    shard_size: str,
+    threads: int | None,
+    overwrite: bool,
+    no_progress: bool,
 ) -> None:
     """Extract the task vector FINETUNED − BASE into OUT."""
     tau = load_model(finetuned) - load_model(base)
-    tau.save(out, dtype=dtype, shard_size=shard_size, threads=threads, overwrite=overwrite,
-             progress=not no_progress)
+    tau.save(
+        out,
+        dtype=dtype,
+        shard_size=shard_size,
+        threads=threads,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
     click.echo(f"saved task vector ({len(tau.names)} tensors) to {out}")
 
 
@@ -134,8 +156,13 @@ def diff(
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("vectors", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--scale", type=float, default=1.0, show_default=True,
-              help="λ in base + λ·Σ τ (negative to subtract: unlearning).")
+@click.option(
+    "--scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="λ in base + λ·Σ τ (negative to subtract: unlearning).",
+)
 @_dtype
 @_shard
 @_threads
@@ -143,19 +170,34 @@ def diff(
 @_quiet
 @_friendly
 def apply_cmd(
-    base: Path, vectors: tuple[Path, ...], out: Path, scale: float, dtype: str | None,
-    shard_size: str, threads: int | None, overwrite: bool, no_progress: bool,
+    base: Path,
+    vectors: tuple[Path, ...],
+    out: Path,
+    scale: float,
+    dtype: str | None,
+    shard_size: str,
+    threads: int | None,
+    overwrite: bool,
+    no_progress: bool,
 ) -> None:
     """Apply task vectors to BASE: OUT = BASE + scale · Σ VECTORS."""
     taus = []
     for v in vectors:
         loaded = load(v)
         if not isinstance(loaded, TaskVector):
-            raise CheckpointError(f"{v}: is a model, not a task vector (make one with taskvec diff)")
+            raise CheckpointError(
+                f"{v}: is a model, not a task vector (make one with taskvec diff)"
+            )
         taus.append(loaded)
     model = apply(load_model(base), taus, scale)
-    model.save(out, dtype=dtype, shard_size=shard_size, threads=threads, overwrite=overwrite,
-               progress=not no_progress)
+    model.save(
+        out,
+        dtype=dtype,
+        shard_size=shard_size,
+        threads=threads,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
     click.echo(f"saved {base} + {scale:g}·Σ({len(taus)} task vectors) to {out}")
 
 

@@ -156,9 +156,7 @@ def resolve_value(value: ParameterValue, tensor: str, t: float) -> Scalar | None
     return value
 
 
-def lookup(
-    key: str, levels: list[Parameters], tensor: str, t: float
-) -> tuple[bool, Scalar | None]:
+def lookup(key: str, levels: list[Parameters], tensor: str, t: float) -> tuple[bool, Scalar | None]:
     """Find ``key`` in the first level (most specific first) that gives it a value here."""
     for params in levels:
         if key in params:

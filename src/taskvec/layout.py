@@ -1,4 +1,4 @@
-"""Where the layers are: decoding repeated-block tensor names such as ``model.layers.7.mlp.up_proj``.
+"""Where the layers are: decoding repeated-block names such as ``model.layers.7.mlp.up_proj``.
 
 No architecture tables: the layer prefix is inferred from the names themselves, as the dotted
 prefix followed by an integer that covers the most distinct indices (``model.layers.``,

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from taskvec import methods
 from taskvec.config import MergeConfig, OutputSlice, Parameters, lookup, parse_config
-from taskvec.engine import Job, PlanSummary, default_threads, execute, summarize
+from taskvec.engine import Job, PlanSummary, default_threads, execute, parallel_map, summarize
 from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
 from taskvec.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from taskvec.io.dtypes import dtype_name, parse_dtype
@@ -33,7 +34,14 @@ from taskvec.methods.registry import REQUIRED, MergeMethod
 
 log = logging.getLogger("taskvec")
 
-_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
+_TOKENIZER_FILES = (
+    "tokenizer",
+    "vocab",
+    "merges",
+    "special_tokens_map",
+    "added_tokens",
+    "chat_template",
+)
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -66,6 +74,37 @@ class MergePlan:
     tokenizer_source: Checkpoint
     out_config: dict[str, Any] | None
     problems: list[str] = field(default_factory=list)
+    tasks: list[_TensorTask] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def whole_model_pass(self) -> bool:
+        """Whether the method needs a streamed first pass over every tensor."""
+        return bool(self.tasks) and _needs_pass(self.method, self.tasks[0].global_)
+
+    def prepare(self, threads: int, progress: bool = True) -> None:
+        """Run the whole-model pass, if any, filling the context every tensor job receives."""
+        if not self.whole_model_pass:
+            return
+        assert self.method.whole_model is not None
+        first = self.tasks[0]
+        total: torch.Tensor | None = None
+        bar = tqdm(
+            total=len(self.tasks),
+            desc="whole-model pass",
+            disable=not progress,
+            leave=False,
+            unit="tensor",
+        )
+        for part in parallel_map(_TensorTask.collect, self.tasks, threads):
+            total = part if total is None else total + part
+            bar.update()
+        bar.close()
+        assert total is not None
+        self.context.update(
+            self.method.whole_model.finalize(total, **first.per_model, **first.global_)
+        )
+        log.info("whole-model pass of %s done: %s", self.method.name, sorted(self.context))
 
     def summary(self, threads: int) -> PlanSummary:
         return summarize(self.jobs, threads)
@@ -84,7 +123,9 @@ class _Planner:
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
             if "+" in ref and not Path(ref).exists():
-                raise ConfigError(f"model {ref!r}: LoRA references (model+lora) are not supported yet")
+                raise ConfigError(
+                    f"model {ref!r}: LoRA references (model+lora) are not supported yet"
+                )
             path = Path(ref).expanduser()
             if not path.exists() and self.config_dir is not None and not path.is_absolute():
                 alt = self.config_dir / path
@@ -185,7 +226,7 @@ def _number(key: str, v: Any) -> float:
 
 def _typed(key: str, v: Any, default: Any) -> Any:
     if isinstance(default, bool):
-        if not isinstance(v, bool):
+        if not isinstance(v, bool | str):  # strings name a mode (rescale: expectation)
             raise ConfigError(f"parameter {key!r} must be true or false, got {v!r}")
         return v
     if isinstance(default, int | float) and default is not REQUIRED:
@@ -198,27 +239,47 @@ def _seed_for(seed: int | None, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _make_compute(
-    method: MergeMethod,
-    inputs: list[tuple[Checkpoint, str]],
-    base: tuple[Checkpoint, str] | None,
-    per_model: dict[str, torch.Tensor],
-    global_: dict[str, Any],
-    seed: int | None,
-    name: str,
-) -> Callable[[], torch.Tensor]:
-    def compute() -> torch.Tensor:
-        first = inputs[0][0].read(inputs[0][1])
+@dataclass(frozen=True)
+class _TensorTask:
+    """One output tensor of a merge: which inputs, which method, which parameters."""
+
+    method: MergeMethod
+    inputs: list[tuple[Checkpoint, str]]
+    base: tuple[Checkpoint, str] | None
+    per_model: dict[str, torch.Tensor]
+    global_: dict[str, Any]
+    seed: int | None
+    name: str
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inputs stacked as ``(N, *shape)`` in the working dtype, and the base tensor."""
+        ckpt, tname = self.inputs[0]
+        first = ckpt.read(tname)
         work = torch.float64 if first.dtype == torch.float64 else torch.float32
-        stacked = torch.empty((len(inputs), *first.shape), dtype=work)
+        stacked = torch.empty((len(self.inputs), *first.shape), dtype=work)
         stacked[0].copy_(first)
         del first
-        for i, (ckpt, tname) in enumerate(inputs[1:], start=1):
+        for i, (ckpt, tname) in enumerate(self.inputs[1:], start=1):
             stacked[i].copy_(ckpt.read(tname))
-        base_t = base[0].read(base[1]).to(work) if base is not None else None
-        return _call(method, stacked, base_t, per_model, global_, seed, name)
+        base = self.base[0].read(self.base[1]).to(work) if self.base is not None else None
+        return stacked, base
 
-    return compute
+    def run(self, context: dict[str, Any]) -> torch.Tensor:
+        stacked, base = self.load()
+        return _call(
+            self.method,
+            stacked,
+            base,
+            self.per_model,
+            {**self.global_, **context},
+            self.seed,
+            self.name,
+        )
+
+    def collect(self) -> torch.Tensor:
+        assert self.method.whole_model is not None
+        stacked, base = self.load()
+        return self.method.whole_model.collect(stacked, base, **self.per_model, **self.global_)
 
 
 def _call(
@@ -236,6 +297,10 @@ def _call(
     return method.fn(stacked, base, **per_model, **global_, **extra)
 
 
+def _needs_pass(method: MergeMethod, global_: dict[str, Any]) -> bool:
+    return method.whole_model is not None and method.whole_model.wanted(**global_)
+
+
 def _probe(
     method: MergeMethod,
     n: int,
@@ -243,11 +308,17 @@ def _probe(
     per_model: dict[str, torch.Tensor],
     global_: dict[str, Any],
 ) -> str | None:
-    """Run the method on tiny tensors with these parameters; an error message if it fails."""
+    """Run the method (and its whole-model pass) on tiny tensors with these parameters;
+    an error message if it fails."""
     x = torch.linspace(0.5, 1.5, n * 4).reshape(n, 4)
     base = torch.full((4,), 0.25) if has_base else None
     try:
-        out = _call(method, x, base, per_model, global_, 0, "probe")
+        context: dict[str, Any] = {}
+        if _needs_pass(method, global_):
+            assert method.whole_model is not None
+            total = method.whole_model.collect(x, base, **per_model, **global_)
+            context = method.whole_model.finalize(total, **per_model, **global_)
+        out = _call(method, x, base, per_model, {**global_, **context}, 0, "probe")
     except TaskvecError as e:
         return str(e)
     if not bool(torch.isfinite(out).all()):
@@ -303,7 +374,9 @@ def plan_merge(
         items += [(n, slices[0], None, n) for n in pre]
         suffixes = list(
             dict.fromkeys(
-                suffix for n in reference.tensors for layer, suffix in [layout.split(n)]
+                suffix
+                for n in reference.tensors
+                for layer, suffix in [layout.split(n)]
                 if layer is not None
             )
         )
@@ -316,6 +389,8 @@ def plan_merge(
         items += [(n, slices[-1], None, n) for n in post]
 
     jobs: list[Job] = []
+    tasks: list[_TensorTask] = []
+    context: dict[str, Any] = {}
     probed: dict[tuple[Any, ...], str | None] = {}
     for out_name, sl, layer, key in items:
         srcs = sl.sources + ([sl.base] if sl.base else [])
@@ -344,6 +419,15 @@ def plan_merge(
             continue
         dtype = out_dtype or ref_info.dtype
         n_in = len(names)
+        task = _TensorTask(
+            method,
+            names[: len(sl.sources)],
+            names[-1] if sl.base else None,
+            per_model,
+            global_,
+            random_seed,
+            out_name,
+        )
         jobs.append(
             Job(
                 name=out_name,
@@ -351,17 +435,10 @@ def plan_merge(
                 dtype=dtype,
                 read_bytes=sum(i.nbytes for i in infos),
                 work_bytes=4 * ref_info.numel * (2 * n_in + 2),
-                compute=_make_compute(
-                    method,
-                    names[: len(sl.sources)],
-                    names[-1] if sl.base else None,
-                    per_model,
-                    global_,
-                    random_seed,
-                    out_name,
-                ),
+                compute=_bind(task, context),
             )
         )
+        tasks.append(task)
 
     out_config = reference.config
     if out_config is not None:
@@ -383,6 +460,8 @@ def plan_merge(
         tokenizer_source=_tokenizer_source(planner, cfg, reference),
         out_config=out_config,
         problems=planner.problems,
+        tasks=tasks,
+        context=context,
     )
 
 
@@ -401,6 +480,10 @@ def _infos(
         planner.problems.append(f"shape mismatch for tensor {names[0][1]!r}: {detail}")
         return None
     return infos
+
+
+def _bind(task: _TensorTask, context: dict[str, Any]) -> Callable[[], torch.Tensor]:
+    return lambda: task.run(context)
 
 
 def _copy_job(out_name: str, where: tuple[Checkpoint, str], info: TensorInfo) -> Job:
@@ -457,6 +540,7 @@ def merge(
         more = f" (and {len(plan.problems) - 1} more problem(s))" if len(plan.problems) > 1 else ""
         raise IncompatibleError(plan.problems[0] + more)
     n_threads = threads or default_threads()
+    plan.prepare(n_threads, progress)
     writer = CheckpointWriter(
         out_path,
         [PlannedTensor(j.name, j.shape, j.dtype) for j in plan.jobs],

@@ -78,7 +78,9 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 head = f.read(8)
                 if len(head) != 8:
-                    raise CheckpointError(f"{path}: corrupt safetensors file (shorter than 8 bytes)")
+                    raise CheckpointError(
+                        f"{path}: corrupt safetensors file (shorter than 8 bytes)"
+                    )
                 (n,) = struct.unpack("<Q", head)
                 if n > _MAX_HEADER or 8 + n > size:
                     raise CheckpointError(f"{path}: corrupt safetensors file (bad header length)")
@@ -86,7 +88,9 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file (header is not JSON)"
+            ) from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
         self._meta: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -161,11 +165,15 @@ class PickleFile:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many kinds for a bad archive
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: cannot load as a PyTorch checkpoint ({first})") from None
+            raise CheckpointError(
+                f"{path}: cannot load as a PyTorch checkpoint ({first})"
+            ) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: does not hold a state dict (found {type(obj).__name__})")
+            raise CheckpointError(
+                f"{path}: does not hold a state dict (found {type(obj).__name__})"
+            )
         self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         self._infos = {
             k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in self._tensors.items()

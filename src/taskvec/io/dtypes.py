@@ -43,7 +43,9 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
         return value
     key = str(value).lower().removeprefix("torch.")
     if key not in _NAMES:
-        raise ConfigError(f"unknown dtype {value!r}; use one of float32, float16, bfloat16, float64")
+        raise ConfigError(
+            f"unknown dtype {value!r}; use one of float32, float16, bfloat16, float64"
+        )
     return _NAMES[key]
 
 

@@ -1,6 +1,19 @@
 """Merge methods. Importing this package registers every built-in method."""
 
-from taskvec.methods import linear  # noqa: F401  (registers linear, task_arithmetic)
+# Importing a module registers its methods.
+from taskvec.methods import (  # noqa: F401
+    consensus,
+    gram_schmidt,
+    interpolation,
+    linear,
+    magmax,
+    model_stock,
+    passthrough,
+    pcb,
+    ram,
+    sce,
+    ties_family,
+)
 from taskvec.methods.registry import REQUIRED, MergeMethod, all_methods, get_method, merge_method
 
 __all__ = ["REQUIRED", "MergeMethod", "all_methods", "get_method", "merge_method"]

@@ -12,6 +12,11 @@ A merge method is a small pure function over the stacked tensors of one paramete
 * per-model parameters arrive as float tensors of shape ``(N,)``, global ones as Python scalars;
 * methods marked ``random=True`` also get ``generator``, a seeded ``torch.Generator``.
 
+A method that needs a whole-model statistic (a global magnitude threshold, the Gram matrix of
+the task vectors) declares a :class:`WholeModelPass`: the engine first streams every tensor
+through ``collect`` and sums the results, then ``finalize`` turns the sum into extra global
+parameters that every call of the method receives. The method stays per-tensor and pure.
+
 The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
 devices, or knows about other tensors: the engine streams, schedules and writes.
 """
@@ -33,6 +38,20 @@ MethodFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
+class WholeModelPass:
+    """A streamed first pass over every tensor (see the module docstring).
+
+    ``collect(tensors, base, **params) -> Tensor`` (summed over tensors),
+    ``finalize(total, **params) -> dict`` of extra globals (``params`` of the first tensor),
+    ``wanted(**globals) -> bool`` says whether this configuration needs the pass at all.
+    """
+
+    collect: Callable[..., torch.Tensor]
+    finalize: Callable[..., dict[str, Any]]
+    wanted: Callable[..., bool] = lambda **_: True
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A registered method: its function, what it needs and its documented parameters."""
 
@@ -44,6 +63,7 @@ class MergeMethod:
     reference: str = ""
     random: bool = False
     min_models: int = 1
+    whole_model: WholeModelPass | None = None
 
     @property
     def formula(self) -> str:
@@ -75,6 +95,7 @@ def merge_method(
     reference: str = "",
     random: bool = False,
     min_models: int = 1,
+    whole_model: WholeModelPass | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
 
@@ -82,8 +103,15 @@ def merge_method(
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
         _REGISTRY[name] = MergeMethod(
-            name, fn, base, dict(per_model or {}), dict(globals or {}), reference, random,
+            name,
+            fn,
+            base,
+            dict(per_model or {}),
+            dict(globals or {}),
+            reference,
+            random,
             min_models,
+            whole_model,
         )
         return fn
 

@@ -1,0 +1,194 @@
+"""Sparsification of one task vector: which entries survive, and how survivors are rescaled.
+
+All functions are pure, take a float tensor ``delta`` and return a tensor of the same shape.
+Exact top-k selection uses a radix select (a 2¹⁶-bin histogram of the values' ordered upper bits,
+then a k-th value inside the one boundary bin) instead of sorting the whole tensor; ties at the
+threshold are broken by position, so exactly ``k`` entries are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from taskvec.errors import ConfigError
+
+_BINS = 1 << 16
+RESCALE_MODES = ("l1", "expectation")
+
+
+def _monotone(bits: torch.Tensor) -> torch.Tensor:
+    """Map float32 bit patterns to int32 with the same order as the floats (an involution)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving 16-bit keys of floats (the upper half of their ordered bits), in [0, 2¹⁶)."""
+    return ((_monotone(x.to(torch.float32).view(torch.int32)) >> 16) + (1 << 15)).long()
+
+
+def _key_floor(key: int) -> float:
+    """The smallest float whose key is ``key``."""
+    mono = torch.tensor([(key - (1 << 15)) << 16], dtype=torch.int32)
+    return float(_monotone(mono).view(torch.float32))
+
+
+def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat tensor (ties broken by position)."""
+    n = magnitude.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    keys = _keys(magnitude)
+    counts = torch.bincount(keys, minlength=_BINS)
+    above = counts.flip(0).cumsum(0).flip(0)  # above[b] = #entries with key >= b
+    b = int(torch.nonzero(above >= k).max())  # boundary bin: the k-th largest lies here
+    mask = keys > b
+    need = k - int(mask.sum())
+    in_bin = torch.nonzero(keys == b).squeeze(1)
+    vals = magnitude[in_bin]
+    thr = torch.kthvalue(vals, vals.numel() - need + 1).values
+    mask[in_bin[vals > thr]] = True
+    short = need - int((vals > thr).sum())
+    if short > 0:
+        mask[in_bin[vals == thr][:short]] = True
+    return mask
+
+
+def magnitude_histogram(magnitude: torch.Tensor) -> torch.Tensor:
+    """Counts of values per 16-bit key (mergeable across tensors by addition)."""
+    return torch.bincount(_keys(magnitude).reshape(-1), minlength=_BINS)
+
+
+def histogram_threshold(counts: torch.Tensor, density: float) -> float:
+    """The smallest magnitude kept when keeping the top ``density`` of the counted values:
+    the lower edge of the key bin holding the k-th largest (exact to bfloat16 resolution)."""
+    n = int(counts.sum())
+    if density >= 1 or n == 0:
+        return 0.0
+    k = max(1, int(density * n))
+    above = counts.flip(0).cumsum(0).flip(0)
+    b = int(torch.nonzero(above >= k).max())
+    return _key_floor(b)
+
+
+def threshold(
+    delta: torch.Tensor, thr: float, density: float, rescale: str | None = None
+) -> torch.Tensor:
+    """Keep the entries with |δ| ≥ thr (a whole-model top-k threshold), then rescale."""
+    if density >= 1:
+        return delta
+    return _rescale(delta, delta * (delta.abs() >= thr), density, rescale)
+
+
+def _rescale(
+    delta: torch.Tensor, kept: torch.Tensor, keep_prob: torch.Tensor | float, mode: str | None
+) -> torch.Tensor:
+    """Rescale the survivors: ``l1`` matches the original L1 norm (mergekit),
+    ``expectation`` divides by the keep probability (the DARE/DELLA papers)."""
+    if mode is None:
+        return kept
+    if mode == "l1":
+        before, after = float(delta.abs().sum()), float(kept.abs().sum())
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept * (before / after)
+    if mode == "expectation":
+        return kept / keep_prob
+    raise ConfigError(f"rescale must be true, false, 'l1' or 'expectation', got {mode!r}")
+
+
+def rescale_mode(rescale: bool | str) -> str | None:
+    """mergekit's ``rescale: true`` means L1; strings name a mode explicitly."""
+    if isinstance(rescale, bool):
+        return "l1" if rescale else None
+    return str(rescale)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:
+    """Keep the ⌊density·n⌋ (at least one) largest-magnitude entries (TIES trim)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = topk_mask(delta.abs().reshape(-1), k).reshape(delta.shape)
+    return _rescale(delta, delta * mask, density, rescale)
+
+
+def random_drop(
+    delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Keep each entry independently with probability ``density`` (DARE)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return _rescale(delta, delta * keep, density, rescale)
+
+
+def outliers(
+    delta: torch.Tensor, density: float, gamma: float, rescale: str | None = None
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top ⌊γn⌋ magnitudes and the smallest ones, keeping
+    ⌊density·n⌋ entries; fewer top entries are dropped if density requires it."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - keep - n_top)
+    n_top = n - n_bottom - keep
+    a = delta.abs().reshape(-1)
+    mask = topk_mask(a, n_top + keep) & ~topk_mask(a, n_top)
+    return _rescale(delta, delta * mask.reshape(delta.shape), density, rescale)
+
+
+def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
+    """For each entry, its magnitude rank within its row mapped to [0, 1] (0 = smallest).
+
+    Ranks are computed on 16-bit keys by counting (no sort); entries whose keys are equal
+    share their mean rank.
+    """
+    rows, cols = magnitude.shape
+    if cols == 1:
+        return torch.zeros_like(magnitude)
+    keys = _keys(magnitude)
+    out = torch.empty_like(magnitude)
+    chunk = max(1, (1 << 23) // _BINS)
+    for r0 in range(0, rows, chunk):
+        k = keys[r0 : r0 + chunk]
+        m = k.shape[0]
+        flat = k + torch.arange(m).unsqueeze(1) * _BINS
+        counts = torch.bincount(flat.reshape(-1), minlength=m * _BINS).reshape(m, _BINS)
+        below = counts.cumsum(1) - counts  # entries with a smaller key in the same row
+        c = counts.gather(1, k).to(magnitude.dtype)
+        rank = below.gather(1, k).to(magnitude.dtype) + (c - 1) / 2
+        out[r0 : r0 + chunk] = rank / (cols - 1)
+    return out
+
+
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: str | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability rises linearly with the magnitude rank within each row,
+    from density − ε (smallest) to density + ε (largest), then a Bernoulli draw."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if not (density - epsilon > 0 and density + epsilon < 1):
+        raise ConfigError(
+            f"della needs 0 < density - epsilon and density + epsilon < 1 "
+            f"(density {density:g}, epsilon {epsilon:g})"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    prob = (density - epsilon) + 2 * epsilon * row_rank_fraction(rows.abs())
+    keep = torch.rand(rows.shape, generator=generator) < prob
+    kept = (rows * keep).reshape(delta.shape)
+    return _rescale(delta, kept, prob.reshape(delta.shape), rescale)

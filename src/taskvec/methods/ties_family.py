@@ -1,0 +1,250 @@
+"""Sparsify-and-combine task-vector merges: TIES, DARE, Breadcrumbs, DELLA and their linear forms.
+
+Each method follows mergekit's generalized task arithmetic, so a mergekit YAML gives the same
+result. With deltas δᵢ = wᵢ · sparsify(θᵢ − θ₀):
+
+* without sign consensus: θ = θ₀ + λ Σᵢ δᵢ  (÷ Σᵢ wᵢ if normalize);
+* with sign consensus (TIES election, Yadav et al. 2023): s = sign(Σᵢ δᵢ) (0 counts as +),
+  mᵢ = [sign δᵢ = s], θ = θ₀ + λ Σᵢ mᵢδᵢ  (÷ Σᵢ mᵢwᵢ if normalize).
+
+Like mergekit, the weights are applied before the election and TIES trims each tensor on its
+own. The paper's variants are one option away: ``elect: unweighted`` elects the sign from the
+unweighted trimmed vectors, and ``trim_scope: model`` keeps the top-``density`` magnitudes of
+each task vector over the whole model (a streamed first pass builds a 2¹⁶-bin histogram of
+every τᵢ's magnitudes; the threshold is exact to bfloat16 resolution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from taskvec.errors import ConfigError
+from taskvec.methods import sparsify as sp
+from taskvec.methods.registry import REQUIRED, WholeModelPass, merge_method
+
+Sparsifier = Callable[[torch.Tensor, int, dict[str, Any]], torch.Tensor]
+
+
+def sign_consensus(deltas: torch.Tensor, voters: torch.Tensor | None = None) -> torch.Tensor:
+    """mᵢ = [sign δᵢ = sign Σⱼ vⱼ] with votes vⱼ = δⱼ by default; + where the sum is 0."""
+    votes = deltas if voters is None else voters
+    elected = torch.where(votes.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return deltas.sign() == elected
+
+
+def combine(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    unweighted_election: bool = False,
+) -> torch.Tensor:
+    """θ₀ + λ · (Σ masked weighted deltas) / (normalizer), as in the module docstring."""
+    w = weight.reshape(-1, *([1] * (deltas.dim() - 1))).to(deltas.dtype)
+    raw = deltas
+    deltas = deltas * w
+    if consensus:
+        mask = sign_consensus(deltas, raw if unweighted_election else None)
+        mixed = (deltas * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(0)
+        total = float(weight.sum())
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
+    if normalize:
+        mixed = mixed / divisor
+    return base + scale * mixed
+
+
+def _deltas(
+    tensors: torch.Tensor, base: torch.Tensor, sparsify: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    out = tensors - base
+    for i in range(out.shape[0]):
+        out[i] = sparsify(out[i], i)
+    return out
+
+
+_COMMON = {"lambda": 1.0, "int8_mask": False}
+
+
+def _register(
+    name: str,
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    extra: dict[str, Any],
+    random: bool,
+    reference: str,
+    sparsify: Callable[..., torch.Tensor],
+    formula: str,
+    options: dict[str, Any] | None = None,
+    whole_model: WholeModelPass | None = None,
+) -> None:
+    def method(
+        tensors: torch.Tensor,
+        base: torch.Tensor,
+        *,
+        weight: torch.Tensor,
+        density: torch.Tensor,
+        normalize: bool,
+        rescale: bool | str,
+        generator: torch.Generator | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        mode = sp.rescale_mode(rescale)
+        per = {k: params.pop(k) for k in extra}
+        thresholds = params.pop("thresholds", None)
+        params.pop("trim_scope", None)
+        elect = params.pop("elect", "weighted")
+        if elect not in ("weighted", "unweighted"):
+            raise ConfigError(f"elect must be 'weighted' or 'unweighted', got {elect!r}")
+
+        def one(delta: torch.Tensor, i: int) -> torch.Tensor:
+            if thresholds is not None:
+                return sp.threshold(delta, float(thresholds[i]), float(density[i]), mode)
+            kwargs = {k: float(v[i]) for k, v in per.items()}
+            if random:
+                kwargs["generator"] = generator
+            return sparsify(delta, float(density[i]), rescale=mode, **kwargs)
+
+        deltas = _deltas(tensors, base, one)
+        return combine(
+            base,
+            deltas,
+            weight,
+            consensus=consensus,
+            normalize=normalize,
+            scale=params["lambda"],
+            unweighted_election=elect == "unweighted",
+        )
+
+    method.__doc__ = formula
+    method.__name__ = name
+    merge_method(
+        name,
+        base="required",
+        per_model={"weight": REQUIRED, "density": 1.0, **extra},
+        globals={**_COMMON, "normalize": normalize, "rescale": rescale, **(options or {})},
+        reference=reference,
+        random=random,
+        whole_model=whole_model,
+    )(method)
+
+
+def _scope(trim_scope: str = "tensor", **_: Any) -> bool:
+    if trim_scope not in ("tensor", "model"):
+        raise ConfigError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
+    return trim_scope == "model"
+
+
+def _magnitude_histograms(tensors: torch.Tensor, base: torch.Tensor, **_: Any) -> torch.Tensor:
+    """Per model, a histogram of |τᵢ| over 16-bit keys (summed over tensors)."""
+    return torch.stack([sp.magnitude_histogram((t - base).abs()) for t in tensors])
+
+
+def _global_thresholds(total: torch.Tensor, density: torch.Tensor, **_: Any) -> dict[str, Any]:
+    return {
+        "thresholds": [
+            sp.histogram_threshold(h, float(d)) for h, d in zip(total, density, strict=True)
+        ]
+    }
+
+
+GLOBAL_TRIM = WholeModelPass(
+    collect=_magnitude_histograms, finalize=_global_thresholds, wanted=_scope
+)
+
+
+TIES = "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)"
+DARE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)"
+CRUMBS = "Davari & Belilovsky, Model Breadcrumbs, 2023 (arXiv 2312.06795)"
+DELLA = "Deep et al., DELLA-Merging, 2024 (arXiv 2406.11617)"
+
+_register(
+    "ties",
+    consensus=True,
+    normalize=True,
+    rescale=False,
+    extra={},
+    random=False,
+    reference=TIES,
+    sparsify=sp.magnitude,
+    formula="θ = θ₀ + λ Σ mᵢ wᵢ top_k(τᵢ) / Σ mᵢ wᵢ, mᵢ = sign agreement with Σ wᵢ top_k(τᵢ).",
+    options={"trim_scope": "tensor", "elect": "weighted"},
+    whole_model=GLOBAL_TRIM,
+)
+_register(
+    "dare_linear",
+    consensus=False,
+    normalize=False,
+    rescale=True,
+    extra={},
+    random=True,
+    reference=DARE,
+    sparsify=sp.random_drop,
+    formula="θ = θ₀ + λ Σ wᵢ rescale(Bernoulli(density) ⊙ τᵢ).",
+)
+_register(
+    "dare_ties",
+    consensus=True,
+    normalize=False,
+    rescale=True,
+    extra={},
+    random=True,
+    reference=DARE,
+    sparsify=sp.random_drop,
+    formula="DARE drop-and-rescale of each τᵢ, then TIES sign consensus.",
+)
+_register(
+    "breadcrumbs",
+    consensus=False,
+    normalize=False,
+    rescale=False,
+    extra={"gamma": 0.01},
+    random=False,
+    reference=CRUMBS,
+    sparsify=sp.outliers,
+    formula="θ = θ₀ + λ Σ wᵢ (τᵢ without its top-γ outliers and its smallest entries).",
+)
+_register(
+    "breadcrumbs_ties",
+    consensus=True,
+    normalize=False,
+    rescale=False,
+    extra={"gamma": 0.01},
+    random=False,
+    reference=CRUMBS,
+    sparsify=sp.outliers,
+    formula="Breadcrumbs masking of each τᵢ, then TIES sign consensus.",
+)
+_register(
+    "della",
+    consensus=True,
+    normalize=True,
+    rescale=True,
+    extra={"epsilon": 0.15},
+    random=True,
+    reference=DELLA,
+    sparsify=sp.della_magprune,
+    formula="DELLA MagPrune (rank-dependent keep probability) of each τᵢ, then TIES consensus.",
+)
+_register(
+    "della_linear",
+    consensus=False,
+    normalize=False,
+    rescale=True,
+    extra={"epsilon": 0.15},
+    random=True,
+    reference=DELLA,
+    sparsify=sp.della_magprune,
+    formula="θ = θ₀ + λ Σ wᵢ MagPrune(τᵢ).",
+)
