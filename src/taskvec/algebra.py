@@ -33,16 +33,23 @@ from typing import Any
 
 import torch
 
-from taskvec.engine import Job, default_threads, execute, parallel_map
+from taskvec.engine import Job, default_threads, execute, parallel_map, planned_tensors, row_chunks
 from taskvec.errors import CheckpointError, IncompatibleError
 from taskvec.io.checkpoint import Checkpoint, open_checkpoint
 from taskvec.io.dtypes import dtype_name, element_size, parse_dtype
-from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, PlannedTensor, check_output_path
+from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
 
 log = logging.getLogger("taskvec")
 
 TASK_VECTOR_KIND = "task_vector"
-_Cache = dict[int, torch.Tensor]
+
+
+class _Cache(dict[int, torch.Tensor]):
+    """The tensors read while evaluating one name (or one row range of it), by checkpoint."""
+
+    def __init__(self, rows: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def _read(ckpt: Checkpoint, name: str, cache: _Cache) -> torch.Tensor:
     """Read ``name`` from ``ckpt`` once per evaluation, upcast to the compute dtype if float."""
     key = id(ckpt)
     if key not in cache:
-        t = ckpt.read(name)
+        t = ckpt.read(name, cache.rows)
         cache[key] = t.to(_compute_dtype(t.dtype)) if t.is_floating_point() else t
     return cache[key]
 
@@ -108,14 +115,14 @@ class _Expr:
         """Compute one tensor (float32, or float64 if an input is float64)."""
         if name not in self.specs:
             raise KeyError(name)
-        return self._eval(name, {})
+        return self._eval(name, _Cache())
 
     def state_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Materialise every tensor (in ``dtype``, default each tensor's native dtype)."""
         want = parse_dtype(dtype)
         out = {}
         for name, spec in self.specs.items():
-            t = self._eval(name, {})
+            t = self._eval(name, _Cache())
             out[name] = t.to(want or spec.dtype) if t.is_floating_point() else t
         return out
 
@@ -128,18 +135,26 @@ class _Expr:
         jobs = []
         for name, spec in self.specs.items():
             read = sum(c.tensors[name].nbytes for c in leaves if name in c)
-            numel = math.prod(spec.shape)
-            out = dtype if (dtype is not None and spec.dtype.is_floating_point) else spec.dtype
-            jobs.append(
-                Job(
-                    name=name,
-                    shape=spec.shape,
-                    dtype=out,
-                    read_bytes=read,
-                    work_bytes=read + 4 * numel * (len(leaves) + 1),
-                    compute=_bind(self._eval, name),
-                )
+            floating = spec.dtype.is_floating_point
+            out = dtype if (dtype is not None and floating) else spec.dtype
+            # every operation is elementwise, so large tensors are evaluated in row chunks
+            chunks: list[tuple[int, int] | None] = (
+                list(row_chunks(spec.shape)) if floating and len(spec.shape) >= 2 else [None]
             )
+            for rows in chunks:
+                part = (rows[1] - rows[0]) / spec.shape[0] if rows else 1.0
+                numel = int(math.prod(spec.shape) * part)
+                jobs.append(
+                    Job(
+                        name=name,
+                        shape=spec.shape,
+                        dtype=out,
+                        read_bytes=int(read * part),
+                        work_bytes=int(read * part) + 4 * numel * (len(leaves) + 1),
+                        compute=_bind(self._eval, name, rows),
+                        rows=rows,
+                    )
+                )
         return jobs
 
     def _save(
@@ -161,9 +176,12 @@ class _Expr:
         n_threads = threads or default_threads()
         out = Path(path).expanduser().absolute()
         check_output_path(out, overwrite)
-        plan = [PlannedTensor(j.name, j.shape, j.dtype) for j in jobs]
         writer = CheckpointWriter(
-            out, plan, shard_size=shard_size, metadata=metadata, overwrite=overwrite
+            out,
+            planned_tensors(jobs),
+            shard_size=shard_size,
+            metadata=metadata,
+            overwrite=overwrite,
         )
         with writer:
             execute(jobs, writer, threads=n_threads, progress=progress, description=description)
@@ -175,8 +193,10 @@ class _Expr:
             return writer.commit()
 
 
-def _bind(fn: Callable[[str, _Cache], torch.Tensor], name: str) -> Callable[[], torch.Tensor]:
-    return lambda: fn(name, {})
+def _bind(
+    fn: Callable[[str, _Cache], torch.Tensor], name: str, rows: tuple[int, int] | None
+) -> Callable[[], torch.Tensor]:
+    return lambda: fn(name, _Cache(rows))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,8 +473,8 @@ class TaskVector(_Expr):
             _check_shapes(n, self.specs[n], other.specs[n], "dot product")
 
         def part(n: str) -> float:
-            a = self._eval(n, {}).reshape(-1).double()
-            b = other._eval(n, {}).reshape(-1).double()
+            a = self._eval(n, _Cache()).reshape(-1).double()
+            b = other._eval(n, _Cache()).reshape(-1).double()
             return float(torch.dot(a, b))
 
         return self._reduce(part, threads, shared)
@@ -463,7 +483,7 @@ class TaskVector(_Expr):
         """‖τ‖₂ over all tensors."""
 
         def part(n: str) -> float:
-            a = self._eval(n, {}).reshape(-1).double()
+            a = self._eval(n, _Cache()).reshape(-1).double()
             return float(torch.dot(a, a))
 
         return math.sqrt(self._reduce(part, threads))
@@ -608,12 +628,12 @@ class CombinedVector(TaskVector):
         return self._specs
 
     def _eval(self, name: str, cache: _Cache) -> torch.Tensor:
-        spec = self._specs[name]
-        dtypes = [v.specs[name].dtype for _, v in self.terms if name in v.specs]
-        out = torch.zeros(spec.shape, dtype=_compute_dtype(*dtypes))
+        out: torch.Tensor | None = None
         for c, v in self.terms:
-            if name in v.specs and c != 0.0:
-                out.add_(v._eval(name, cache), alpha=c)
+            if name in v.specs:
+                term = v._eval(name, cache) * c
+                out = term if out is None else out.add_(term)
+        assert out is not None  # every name comes from at least one term
         return out
 
     def _leaves(self) -> list[Checkpoint]:

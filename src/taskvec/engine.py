@@ -13,6 +13,7 @@ do not depend on the thread count: each tensor is computed the same way whicheve
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -34,9 +35,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+CHUNK_ELEMENTS = 1 << 24
+
+
 @dataclass(frozen=True)
 class Job:
-    """One output tensor: its name, shape, output dtype, cost estimates and how to compute it."""
+    """One output tensor, or the rows ``[start, stop)`` of one: its name, full shape, output
+    dtype, cost estimates and how to compute it (the closure returns just those rows)."""
 
     name: str
     shape: tuple[int, ...]
@@ -44,10 +49,35 @@ class Job:
     read_bytes: int
     work_bytes: int
     compute: Callable[[], torch.Tensor]
+    rows: tuple[int, int] | None = None
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if self.rows is None:
+            return self.shape
+        return (self.rows[1] - self.rows[0], *self.shape[1:])
 
     @property
     def out_bytes(self) -> int:
-        return PlannedTensor(self.name, self.shape, self.dtype).nbytes
+        return PlannedTensor(self.name, self.out_shape, self.dtype).nbytes
+
+
+def row_chunks(shape: tuple[int, ...], max_elements: int | None = None) -> list[tuple[int, int]]:
+    """Split the first axis so each chunk holds at most ``max_elements`` (default
+    :data:`CHUNK_ELEMENTS`), with at least one row per chunk."""
+    if len(shape) < 2:
+        return [(0, shape[0] if shape else 1)]
+    per_row = math.prod(shape[1:]) or 1
+    step = max(1, (max_elements or CHUNK_ELEMENTS) // per_row)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def planned_tensors(jobs: Sequence[Job]) -> list[PlannedTensor]:
+    """The distinct output tensors of ``jobs``, in order, with their full shapes."""
+    seen: dict[str, PlannedTensor] = {}
+    for j in jobs:
+        seen.setdefault(j.name, PlannedTensor(j.name, j.shape, j.dtype))
+    return list(seen.values())
 
 
 @dataclass(frozen=True)
@@ -90,7 +120,7 @@ def default_threads() -> int:
 def summarize(jobs: Sequence[Job], threads: int) -> PlanSummary:
     works = sorted((j.work_bytes for j in jobs), reverse=True)[: max(threads, 1)]
     return PlanSummary(
-        tensors=len(jobs),
+        tensors=len({j.name for j in jobs}),
         bytes_in=sum(j.read_bytes for j in jobs),
         bytes_out=sum(j.out_bytes for j in jobs),
         peak_bytes=sum(works),
@@ -154,7 +184,7 @@ def execute(
     """Run every job and write its result. Raises on the first failure (the caller aborts)."""
     start = time.perf_counter()
     total = sum(j.out_bytes for j in jobs)
-    log.info("%s %d tensors (%s) with %d thread(s)", description, len(jobs), _human(total), threads)
+    log.info("%s %d jobs (%s) with %d thread(s)", description, len(jobs), _human(total), threads)
     bar = tqdm(
         total=total,
         unit="B",
@@ -167,13 +197,14 @@ def execute(
 
     def run(job: Job) -> int:
         result = job.compute()
-        if tuple(result.shape) != job.shape:
+        if tuple(result.shape) != job.out_shape:
             raise NumericError(
-                f"tensor {job.name!r}: computed shape {tuple(result.shape)} != planned {job.shape}"
+                f"tensor {job.name!r}: computed shape {tuple(result.shape)} != planned "
+                f"{job.out_shape}"
             )
         result = result.to(job.dtype)
         check_finite(job.name, result)
-        writer.write(job.name, result)
+        writer.write(job.name, result, job.rows[0] if job.rows else 0)
         return job.out_bytes
 
     try:

@@ -24,11 +24,20 @@ from tqdm.auto import tqdm
 
 from taskvec import methods
 from taskvec.config import MergeConfig, OutputSlice, Parameters, lookup, parse_config
-from taskvec.engine import Job, PlanSummary, default_threads, execute, parallel_map, summarize
+from taskvec.engine import (
+    Job,
+    PlanSummary,
+    default_threads,
+    execute,
+    parallel_map,
+    planned_tensors,
+    row_chunks,
+    summarize,
+)
 from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
 from taskvec.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from taskvec.io.dtypes import dtype_name, parse_dtype
-from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, PlannedTensor, check_output_path
+from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
 from taskvec.layout import LayerLayout
 from taskvec.methods.registry import REQUIRED, MergeMethod
 
@@ -250,18 +259,22 @@ class _TensorTask:
     global_: dict[str, Any]
     seed: int | None
     name: str
+    rows: tuple[int, int] | None = None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The inputs stacked as ``(N, *shape)`` in the working dtype, and the base tensor."""
+        """The inputs stacked as ``(N, *shape)`` in the working dtype, and the base tensor
+        (only rows ``[start, stop)`` for a row chunk of an elementwise method)."""
         ckpt, tname = self.inputs[0]
-        first = ckpt.read(tname)
+        first = ckpt.read(tname, self.rows)
         work = torch.float64 if first.dtype == torch.float64 else torch.float32
         stacked = torch.empty((len(self.inputs), *first.shape), dtype=work)
         stacked[0].copy_(first)
         del first
         for i, (ckpt, tname) in enumerate(self.inputs[1:], start=1):
-            stacked[i].copy_(ckpt.read(tname))
-        base = self.base[0].read(self.base[1]).to(work) if self.base is not None else None
+            stacked[i].copy_(ckpt.read(tname, self.rows))
+        base = (
+            self.base[0].read(self.base[1], self.rows).to(work) if self.base is not None else None
+        )
         return stacked, base
 
     def run(self, context: dict[str, Any]) -> torch.Tensor:
@@ -419,26 +432,35 @@ def plan_merge(
             continue
         dtype = out_dtype or ref_info.dtype
         n_in = len(names)
-        task = _TensorTask(
-            method,
-            names[: len(sl.sources)],
-            names[-1] if sl.base else None,
-            per_model,
-            global_,
-            random_seed,
-            out_name,
+        chunks: list[tuple[int, int] | None] = (
+            list(row_chunks(ref_info.shape))
+            if method.elementwise and len(ref_info.shape) >= 2
+            else [None]
         )
-        jobs.append(
-            Job(
-                name=out_name,
-                shape=ref_info.shape,
-                dtype=dtype,
-                read_bytes=sum(i.nbytes for i in infos),
-                work_bytes=4 * ref_info.numel * (2 * n_in + 2),
-                compute=_bind(task, context),
+        for rows in chunks:
+            part = (rows[1] - rows[0]) / ref_info.shape[0] if rows else 1.0
+            task = _TensorTask(
+                method,
+                names[: len(sl.sources)],
+                names[-1] if sl.base else None,
+                per_model,
+                global_,
+                random_seed,
+                out_name,
+                rows,
             )
-        )
-        tasks.append(task)
+            jobs.append(
+                Job(
+                    name=out_name,
+                    shape=ref_info.shape,
+                    dtype=dtype,
+                    read_bytes=int(sum(i.nbytes for i in infos) * part),
+                    work_bytes=int(4 * ref_info.numel * part) * (2 * n_in + 2),
+                    compute=_bind(task, context),
+                    rows=rows,
+                )
+            )
+            tasks.append(task)
 
     out_config = reference.config
     if out_config is not None:
@@ -543,7 +565,7 @@ def merge(
     plan.prepare(n_threads, progress)
     writer = CheckpointWriter(
         out_path,
-        [PlannedTensor(j.name, j.shape, j.dtype) for j in plan.jobs],
+        planned_tensors(plan.jobs),
         shard_size=shard_size,
         overwrite=overwrite,
         metadata={"taskvec.merge_method": plan.method.name},

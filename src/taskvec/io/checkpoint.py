@@ -63,7 +63,7 @@ class _TensorFile(Protocol):
 
     def infos(self) -> dict[str, TensorInfo]: ...
 
-    def read(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
 
     def metadata(self) -> dict[str, str]: ...
 
@@ -131,11 +131,16 @@ class SafetensorsFile:
                     self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         info = self._infos[name]
         begin, end = self._offsets[name]
+        shape = info.shape
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         if end == begin:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(shape, dtype=info.dtype)
         buf = bytearray(end - begin)
         view = memoryview(buf)
         fd = self._descriptor()
@@ -145,7 +150,7 @@ class SafetensorsFile:
             if got <= 0:
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
             pos += got
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -185,8 +190,9 @@ class PickleFile:
     def metadata(self) -> dict[str, str]:
         return {}
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._tensors[name]
+        return (t if rows is None else t[rows[0] : rows[1]]).clone()
 
 
 def _open_file(path: Path) -> _TensorFile:
@@ -266,13 +272,14 @@ class Checkpoint:
         )
 
     # --- data -----------------------------------------------------------------------------
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` in its stored dtype, as a fresh CPU tensor."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name`` (or its rows ``[start, stop)`` along the first axis) in its
+        stored dtype, as a fresh CPU tensor."""
         try:
             tf = self._by_name[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
-        return tf.read(name)
+        return tf.read(name, rows)
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"

@@ -17,6 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self._shards = plan_shards(tensors, parse_size(shard_size), prefix)
         self._where: dict[str, tuple[int, int]] = {}
-        self._pending: set[str] = {t.name for t in tensors}
+        self._pending: dict[str, int] = {t.name: t.nbytes for t in tensors}
+        self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self._fds: list[int] = []
         self._prefix = prefix
@@ -153,16 +155,24 @@ class CheckpointWriter:
     def shard_files(self) -> list[str]:
         return [s.filename for s in self._shards]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (thread-safe: each tensor has its own byte range)."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write a planned tensor, or the rows of it starting at ``row_start``.
+
+        Thread-safe: every tensor, and every row range of it, has its own byte range.
+        """
         shard_i, offset = self._where[name]
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
             view = memoryview(data.view(torch.uint8).reshape(-1).numpy())
+            if row_start:
+                offset += row_start * (len(view) // data.shape[0])
             done = 0
             while done < len(view):
                 done += os.pwrite(self._fds[shard_i], view[done:], offset + done)
-        self._pending.discard(name)
+        with self._lock:
+            self._pending[name] -= data.numel() * data.element_size()
+            if self._pending[name] <= 0:
+                del self._pending[name]
 
     def add_file(self, src: Path, name: str | None = None) -> None:
         shutil.copyfile(src, self._tmp / (name or src.name))
@@ -172,8 +182,8 @@ class CheckpointWriter:
 
     def commit(self) -> Path:
         """Finish the shards and index, then move the folder into place."""
-        if self._pending:
-            missing = sorted(self._pending)[:3]
+        if any(self._pending.values()):
+            missing = sorted(n for n, left in self._pending.items() if left)[:3]
             self.abort()
             raise OutputError(f"internal: tensors never written: {missing}")
         for fd in self._fds:

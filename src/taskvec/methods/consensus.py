@@ -21,6 +21,7 @@ def tall_masks(tau: torch.Tensor, tau_mtl: torch.Tensor, tall_lambda: torch.Tens
     globals={"lambda": 1.0, "k": 2},
     reference="Wang, Dimitriadis et al., Localizing Task Information ... (TALL masks, "
     "consensus merging), ICML 2024 (arXiv 2405.07813)",
+    elementwise=True,
 )
 def consensus(
     tensors: torch.Tensor,

@@ -49,6 +49,7 @@ def _finalize(total: torch.Tensor, **_: Any) -> dict[str, Any]:
     globals={"lambda": 1.0},
     reference="Gram-Schmidt task decoupling (seed 000, §9.2); cf. Ilharco et al. 2023",
     whole_model=WholeModelPass(collect=gram_matrix, finalize=_finalize),
+    elementwise=True,
 )
 def gram_schmidt(
     tensors: torch.Tensor,

@@ -175,6 +175,7 @@ def karcher(
     base="required",
     globals={"t": REQUIRED},
     reference="mergekit's nearswap (Ruphaa's NearSwap)",
+    elementwise=True,
 )
 def nearswap(tensors: torch.Tensor, base: torch.Tensor, *, t: float) -> torch.Tensor:
     """w = clamp(t / max(|θ₀ − θ₁|, 1e-6), 0, 1) per element; θ = w θ₁ + (1 − w) θ₀."""

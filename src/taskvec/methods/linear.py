@@ -29,6 +29,7 @@ def _divide_by_total(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     per_model={"weight": REQUIRED},
     globals={"normalize": True},
     reference="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+    elementwise=True,
 )
 def linear(
     tensors: torch.Tensor, base: torch.Tensor | None, *, weight: torch.Tensor, normalize: bool
@@ -44,6 +45,7 @@ def linear(
     per_model={"weight": REQUIRED},
     globals={"lambda": 1.0, "normalize": False, "int8_mask": False},
     reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
+    elementwise=True,
 )
 def task_arithmetic(
     tensors: torch.Tensor,

@@ -13,6 +13,7 @@ from taskvec.methods.registry import merge_method
     globals={"lambda": 1.0},
     reference="Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual "
     "Learning, ECCV 2024 (arXiv 2407.06322)",
+    elementwise=True,
 )
 def magmax(tensors: torch.Tensor, base: torch.Tensor, **params: float) -> torch.Tensor:
     """Per entry, the task-vector value of largest magnitude: θ = θ₀ + λ τ_{argmaxᵢ |τᵢ|}."""

@@ -13,6 +13,7 @@ from taskvec.methods.registry import merge_method
     base="unused",
     per_model={"scale": 1.0},
     reference="mergekit's passthrough (frankenmerges via slices)",
+    elementwise=True,
 )
 def passthrough(
     tensors: torch.Tensor, base: torch.Tensor | None, *, scale: torch.Tensor

@@ -18,7 +18,9 @@ def _masks(tensors: torch.Tensor, base: torch.Tensor, epsilon: float):
     return tv * active, count, shared, unique
 
 
-@merge_method("ram", base="required", globals={"epsilon": 1e-5}, reference=REFERENCE)
+@merge_method(
+    "ram", base="required", globals={"epsilon": 1e-5}, reference=REFERENCE, elementwise=True
+)
 def ram(tensors: torch.Tensor, base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
     """Entries changed (|τ| > ε) by one model take its change; entries changed by several take
     the mean of their changes; others stay at θ₀."""

@@ -64,6 +64,7 @@ class MergeMethod:
     random: bool = False
     min_models: int = 1
     whole_model: WholeModelPass | None = None
+    elementwise: bool = False
 
     @property
     def formula(self) -> str:
@@ -96,6 +97,7 @@ def merge_method(
     random: bool = False,
     min_models: int = 1,
     whole_model: WholeModelPass | None = None,
+    elementwise: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
 
@@ -112,6 +114,7 @@ def merge_method(
             random,
             min_models,
             whole_model,
+            elementwise,
         )
         return fn
 

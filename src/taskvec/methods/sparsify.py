@@ -22,7 +22,7 @@ def _monotone(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _keys(x: torch.Tensor) -> torch.Tensor:
-    """Order-preserving 16-bit keys of floats (the upper half of their ordered bits), in [0, 2¹⁶)."""
+    """Order-preserving 16-bit keys of floats (the upper half of their ordered bits)."""
     return ((_monotone(x.to(torch.float32).view(torch.int32)) >> 16) + (1 << 15)).long()
 
 
