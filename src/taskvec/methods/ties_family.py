@@ -178,7 +178,12 @@ _register(
     random=False,
     reference=TIES,
     sparsify=sp.magnitude,
-    formula="θ = θ₀ + λ Σ mᵢ wᵢ top_k(τᵢ) / Σ mᵢ wᵢ, mᵢ = sign agreement with Σ wᵢ top_k(τᵢ).",
+    formula="""θ = θ₀ + λ Σ mᵢ wᵢ top_k(τᵢ) / Σ mᵢ wᵢ, mᵢ = sign agreement with Σ wᵢ top_k(τᵢ).
+
+    top_k keeps the ⌊density·n⌋ largest |τᵢ| of each tensor. As in mergekit, weights are applied
+    before the sign election and trimming is per tensor; the paper's variant is
+    `elect: unweighted` with `trim_scope: model` (top-k over the whole model, from a streamed
+    histogram pass). The paper's defaults are density 0.2 and λ tuned in [0.8, 2.5].""",
     options={"trim_scope": "tensor", "elect": "weighted"},
     whole_model=GLOBAL_TRIM,
 )
@@ -191,7 +196,10 @@ _register(
     random=True,
     reference=DARE,
     sparsify=sp.random_drop,
-    formula="θ = θ₀ + λ Σ wᵢ rescale(Bernoulli(density) ⊙ τᵢ).",
+    formula="""θ = θ₀ + λ Σ wᵢ rescale(Bernoulli(density) ⊙ τᵢ).
+
+    `rescale: true` (the default, as in mergekit) scales survivors so the L1 norm of τᵢ is
+    preserved; the paper divides by the keep probability: `rescale: expectation`.""",
 )
 _register(
     "dare_ties",
@@ -202,7 +210,9 @@ _register(
     random=True,
     reference=DARE,
     sparsify=sp.random_drop,
-    formula="DARE drop-and-rescale of each τᵢ, then TIES sign consensus.",
+    formula="""DARE drop-and-rescale of each τᵢ, then TIES sign consensus (unnormalized).
+
+    Rescaling as in `dare_linear` (`rescale: expectation` for the paper's 1/p).""",
 )
 _register(
     "breadcrumbs",
@@ -213,7 +223,11 @@ _register(
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
-    formula="θ = θ₀ + λ Σ wᵢ (τᵢ without its top-γ outliers and its smallest entries).",
+    formula="""θ = θ₀ + λ Σ wᵢ (τᵢ without its top-γ outliers and its smallest entries).
+
+    Keeps ⌊density·n⌋ entries per tensor after dropping the ⌊γn⌋ largest (fewer if density
+    requires). The paper's (β outliers, γ small) map to `gamma: β`, `density: 1 − β − γ`.
+    γ = 0 keeps the plain top-k (mergekit 0.1.4 zeroed the whole vector there).""",
 )
 _register(
     "breadcrumbs_ties",
@@ -224,7 +238,7 @@ _register(
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
-    formula="Breadcrumbs masking of each τᵢ, then TIES sign consensus.",
+    formula="Breadcrumbs masking of each τᵢ, then TIES sign consensus (unnormalized).",
 )
 _register(
     "della",
@@ -235,7 +249,12 @@ _register(
     random=True,
     reference=DELLA,
     sparsify=sp.della_magprune,
-    formula="DELLA MagPrune (rank-dependent keep probability) of each τᵢ, then TIES consensus.",
+    formula="""DELLA MagPrune of each τᵢ, then TIES sign consensus and normalization.
+
+    MagPrune keeps an entry with probability rising linearly with its magnitude rank in its row,
+    from density − ε to density + ε (ranks at bfloat16 resolution, ties share their mean rank).
+    `rescale: true` (default, as in mergekit) preserves the L1 norm; the paper's 1/pᵢ is
+    `rescale: expectation`.""",
 )
 _register(
     "della_linear",
@@ -246,5 +265,5 @@ _register(
     random=True,
     reference=DELLA,
     sparsify=sp.della_magprune,
-    formula="θ = θ₀ + λ Σ wᵢ MagPrune(τᵢ).",
+    formula="θ = θ₀ + λ Σ wᵢ MagPrune(τᵢ)  (MagPrune and rescaling as in `della`).",
 )
