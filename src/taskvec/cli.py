@@ -234,6 +234,64 @@ def info(path: Path, show_tensors: bool) -> None:
             click.echo(f"  {name}  {list(i.shape)}  {dtype_name(i.dtype)}")
 
 
+@main.command("emr")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("finetuned", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="EMR folder.")
+@click.option("--names", default=None, help="Comma-separated task names (default: folder names).")
+@_threads
+@_overwrite
+@_quiet
+@_friendly
+def emr_cmd(
+    base: Path,
+    finetuned: tuple[Path, ...],
+    out: Path,
+    names: str | None,
+    threads: int | None,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """EMR-merge FINETUNED models: a unified task vector plus a mask and scale per task."""
+    from taskvec.emr import emr_merge
+
+    labels = names.split(",") if names else [p.name for p in finetuned]
+    if len(labels) != len(finetuned) or len(set(labels)) != len(labels):
+        raise CheckpointError("--names must give one distinct name per fine-tuned model")
+    b = load_model(base)
+    vectors = {n: load_model(p) - b for n, p in zip(labels, finetuned, strict=True)}
+    emr_merge(vectors, out, overwrite=overwrite, threads=threads, progress=not no_progress)
+    click.echo(f"saved EMR merge of {len(vectors)} tasks to {out}")
+
+
+@main.command("emr-task")
+@click.argument("emr_dir", type=click.Path(path_type=Path))
+@click.argument("task")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@_dtype
+@_threads
+@_overwrite
+@_quiet
+@_friendly
+def emr_task_cmd(
+    emr_dir: Path,
+    task: str,
+    base: Path,
+    out: Path,
+    dtype: str | None,
+    threads: int | None,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """Materialise TASK's model from an EMR folder: BASE + λ_t M_t ⊙ τ_uni."""
+    from taskvec.emr import emr_task_vector
+
+    model = load_model(base) + emr_task_vector(emr_dir, task)
+    model.save(out, dtype=dtype, threads=threads, overwrite=overwrite, progress=not no_progress)
+    click.echo(f"saved the {task!r} model to {out}")
+
+
 @main.command("methods")
 @click.option("--markdown", is_flag=True, help="Print the full reference as Markdown.")
 def methods_cmd(markdown: bool) -> None:

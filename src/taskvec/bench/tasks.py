@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import email
+import email.errors
+import email.header
 import email.message
 import html
 import json
@@ -134,7 +136,16 @@ def email_text(raw: str, limit: int = 600) -> str:
     plain = [p for p in parts if p.get_content_type() == "text/plain"]
     chosen = plain or [p for p in parts if p.get_content_type() == "text/html"]
     body = " ".join(_part_text(p) for p in chosen)
-    return _clean(f"{msg.get('Subject', '')} {body}")[:limit]
+    return _clean(f"{_subject(msg)} {body}")[:limit]
+
+
+def _subject(msg: email.message.Message) -> str:
+    """The Subject header with RFC 2047 encoded words decoded."""
+    raw = msg.get("Subject", "")
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw)))
+    except (LookupError, ValueError, email.errors.HeaderParseError):
+        return str(raw)
 
 
 def parse_spam(roots: Mapping[str, Path]) -> Examples:
