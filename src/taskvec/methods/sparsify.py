@@ -21,9 +21,13 @@ def _monotone(bits: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def _keys(x: torch.Tensor) -> torch.Tensor:
+def _keys(x: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
     """Order-preserving 16-bit keys of floats (the upper half of their ordered bits)."""
-    return ((_monotone(x.to(torch.float32).view(torch.int32)) >> 16) + (1 << 15)).long()
+    bits = x.to(torch.float32).view(torch.int32)
+    if not nonnegative and bool((bits < 0).any()):
+        bits = _monotone(bits)
+    keys = bits >> 16  # non-negative floats: the bits are already ordered
+    return keys.add_(1 << 15)
 
 
 def _key_floor(key: int) -> float:
@@ -32,32 +36,37 @@ def _key_floor(key: int) -> float:
     return float(_monotone(mono).view(torch.float32))
 
 
-def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of a flat tensor (ties broken by position)."""
-    n = magnitude.numel()
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    keys = _keys(magnitude)
+def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> float:
+    """The k-th largest entry of a flat tensor (1 ≤ k ≤ n), by radix select: a histogram of
+    16-bit keys finds the bin holding it, then ``kthvalue`` runs inside that bin only."""
+    keys = _keys(values, nonnegative)
     counts = torch.bincount(keys, minlength=_BINS)
     above = counts.flip(0).cumsum(0).flip(0)  # above[b] = #entries with key >= b
-    b = int(torch.nonzero(above >= k).max())  # boundary bin: the k-th largest lies here
-    mask = keys > b
-    need = k - int(mask.sum())
-    in_bin = torch.nonzero(keys == b).squeeze(1)
-    vals = magnitude[in_bin]
-    thr = torch.kthvalue(vals, vals.numel() - need + 1).values
-    mask[in_bin[vals > thr]] = True
-    short = need - int((vals > thr).sum())
-    if short > 0:
-        mask[in_bin[vals == thr][:short]] = True
+    b = int(torch.nonzero(above >= k).max())
+    in_bin = values[keys == b]
+    need = k - (int(above[b + 1]) if b + 1 < _BINS else 0)
+    return float(torch.kthvalue(in_bin, in_bin.numel() - need + 1).values)
+
+
+def topk_mask(values: torch.Tensor, k: int, nonnegative: bool = False) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat tensor (ties broken by position)."""
+    n = values.numel()
+    if k >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    thr = kth_largest(values, k, nonnegative)
+    mask = values >= thr
+    extra = int(mask.sum()) - k
+    if extra > 0:  # entries equal to the threshold beyond the k-th: drop the last ones
+        ties = torch.nonzero(values == thr).squeeze(1)
+        mask[ties[ties.numel() - extra :]] = False
     return mask
 
 
 def magnitude_histogram(magnitude: torch.Tensor) -> torch.Tensor:
     """Counts of values per 16-bit key (mergeable across tensors by addition)."""
-    return torch.bincount(_keys(magnitude).reshape(-1), minlength=_BINS)
+    return torch.bincount(_keys(magnitude, nonnegative=True).reshape(-1), minlength=_BINS)
 
 
 def histogram_threshold(counts: torch.Tensor, density: float) -> float:
@@ -112,7 +121,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = topk_mask(delta.abs().reshape(-1), k).reshape(delta.shape)
+    mask = topk_mask(delta.abs().reshape(-1), k, nonnegative=True).reshape(delta.shape)
     return _rescale(delta, delta * mask, density, rescale)
 
 
@@ -141,32 +150,20 @@ def outliers(
     n_bottom = max(0, n - keep - n_top)
     n_top = n - n_bottom - keep
     a = delta.abs().reshape(-1)
-    mask = topk_mask(a, n_top + keep) & ~topk_mask(a, n_top)
+    mask = topk_mask(a, n_top + keep, nonnegative=True) & ~topk_mask(a, n_top, nonnegative=True)
     return _rescale(delta, delta * mask.reshape(delta.shape), density, rescale)
 
 
 def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
-    """For each entry, its magnitude rank within its row mapped to [0, 1] (0 = smallest).
-
-    Ranks are computed on 16-bit keys by counting (no sort); entries whose keys are equal
-    share their mean rank.
-    """
+    """For each entry, its magnitude rank within its row mapped to [0, 1] (0 = smallest);
+    ties are ranked by position, as a stable sort would."""
     rows, cols = magnitude.shape
     if cols == 1:
         return torch.zeros_like(magnitude)
-    keys = _keys(magnitude)
-    out = torch.empty_like(magnitude)
-    chunk = max(1, (1 << 23) // _BINS)
-    for r0 in range(0, rows, chunk):
-        k = keys[r0 : r0 + chunk]
-        m = k.shape[0]
-        flat = k + torch.arange(m).unsqueeze(1) * _BINS
-        counts = torch.bincount(flat.reshape(-1), minlength=m * _BINS).reshape(m, _BINS)
-        below = counts.cumsum(1) - counts  # entries with a smaller key in the same row
-        c = counts.gather(1, k).to(magnitude.dtype)
-        rank = below.gather(1, k).to(magnitude.dtype) + (c - 1) / 2
-        out[r0 : r0 + chunk] = rank / (cols - 1)
-    return out
+    order = magnitude.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(magnitude)
+    steps = torch.arange(cols, dtype=magnitude.dtype) / (cols - 1)
+    return ranks.scatter_(1, order, steps.expand(rows, cols))
 
 
 def della_magprune(

@@ -23,15 +23,15 @@ import torch
 
 from taskvec.errors import ConfigError
 from taskvec.methods import sparsify as sp
+from taskvec.methods.linear import weighted_sum
 from taskvec.methods.registry import REQUIRED, WholeModelPass, merge_method
 
 Sparsifier = Callable[[torch.Tensor, int, dict[str, Any]], torch.Tensor]
 
 
-def sign_consensus(deltas: torch.Tensor, voters: torch.Tensor | None = None) -> torch.Tensor:
-    """mᵢ = [sign δᵢ = sign Σⱼ vⱼ] with votes vⱼ = δⱼ by default; + where the sum is 0."""
-    votes = deltas if voters is None else voters
-    elected = torch.where(votes.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
+    """mᵢ = [sign δᵢ = sign Σⱼ δⱼ], with the elected sign + where the sum is 0."""
+    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
     return deltas.sign() == elected
 
 
@@ -45,22 +45,39 @@ def combine(
     scale: float,
     unweighted_election: bool = False,
 ) -> torch.Tensor:
-    """θ₀ + λ · (Σ masked weighted deltas) / (normalizer), as in the module docstring."""
-    w = weight.reshape(-1, *([1] * (deltas.dim() - 1))).to(deltas.dtype)
-    raw = deltas
-    deltas = deltas * w
-    if consensus:
-        mask = sign_consensus(deltas, raw if unweighted_election else None)
-        mixed = (deltas * mask).sum(0)
-        divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(0)
-        total = float(weight.sum())
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
+    """θ₀ + λ · (Σ masked weighted deltas) / (normalizer), as in the module docstring.
+
+    ``deltas`` is overwritten. With consensus, the entries agreeing with the elected sign are
+    summed as Σ max(δᵢ, 0) where the sign is + and Σ min(δᵢ, 0) where it is −, which equals
+    Σ mᵢδᵢ without materialising the masks.
+    """
+    w = weight.to(deltas.dtype)
+    if not consensus:
+        mixed = weighted_sum(deltas, w)
+        total = float(w.sum())
+        if normalize and abs(total) >= 1e-8:
+            mixed /= total
+        return base.add(mixed, alpha=scale)
+    elected_pos = deltas.sum(0) >= 0 if unweighted_election else None
+    deltas.mul_(w.reshape(-1, *([1] * (deltas.dim() - 1))))
+    pos = torch.zeros_like(base)
+    neg = torch.zeros_like(base)
+    for d in deltas:
+        pos.add_(d.clamp(min=0))
+        neg.add_(d.clamp(max=0))
+    if elected_pos is None:
+        elected_pos = (pos + neg) >= 0
+    mixed = torch.where(elected_pos, pos, neg)
     if normalize:
-        mixed = mixed / divisor
-    return base + scale * mixed
+        wpos = torch.zeros_like(base)
+        wneg = torch.zeros_like(base)
+        for d, wi in zip(deltas, w.tolist(), strict=True):
+            wpos.add_(d > 0, alpha=wi)
+            wneg.add_(d < 0, alpha=wi)
+        divisor = torch.where(elected_pos, wpos, wneg)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    return base.add(mixed, alpha=scale)
 
 
 def _deltas(
