@@ -2,6 +2,7 @@
 
 # Importing a module registers its methods.
 from taskvec.methods import (  # noqa: F401
+    arcee_fusion,
     consensus,
     gram_schmidt,
     interpolation,
