@@ -514,6 +514,11 @@ def _copy_job(out_name: str, where: tuple[Checkpoint, str], info: TensorInfo) ->
 
 
 def _tokenizer_source(planner: _Planner, cfg: MergeConfig, reference: Checkpoint) -> Checkpoint:
+    if cfg.chat_template is not None:
+        raise ConfigError("chat_template is not supported yet; the tokenizer source's is copied")
+    unsupported = sorted(set(cfg.tokenizer or {}) - {"source"})
+    if unsupported:
+        raise ConfigError(f"tokenizer: {', '.join(unsupported)} not supported yet (only source)")
     source = cfg.tokenizer_source or (cfg.tokenizer or {}).get("source") or "base"
     if source == "base":
         return reference
