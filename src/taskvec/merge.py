@@ -219,7 +219,7 @@ class _Planner:
                         )
                     v = default
                 values.append(_number(key, v))
-            per_model[key] = torch.tensor(values, dtype=torch.float32)
+            per_model[key] = torch.tensor(values, dtype=torch.float64)
         global_: dict[str, Any] = {}
         for key, default in m.globals.items():
             found, v = lookup(key, [sl.parameters, top], name, t)

@@ -74,6 +74,7 @@ def run_merge(config: Mapping[str, Any], out: Path) -> Path:
     """Run a config merge with taskvec into ``out`` (replaced if it exists)."""
     import taskvec
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     taskvec.merge(dict(config), out, overwrite=True, progress=False)
     return out
 

@@ -111,7 +111,7 @@ def multislerp(
     if tensors.shape[0] == 1:
         return tensors[0]
     x = tensors - base if base is not None else tensors
-    w = weight / weight.sum() if normalize_weights else weight
+    w = (weight / weight.sum() if normalize_weights else weight).to(tensors.dtype)
     units, norms = _unit(x, eps)
     mean = (units * w.unsqueeze(1)).sum(0)
     mean_norm = float(mean.norm())

@@ -9,7 +9,8 @@ A merge method is a small pure function over the stacked tensors of one paramete
 * ``tensors``: float tensor of shape ``(N, *shape)``, one row per input model (the base model
   is not among them unless the config lists it as an input);
 * ``base``: the base model's tensor (``*shape``), or ``None`` when the method uses no base;
-* per-model parameters arrive as float tensors of shape ``(N,)``, global ones as Python scalars;
+* per-model parameters arrive as float64 tensors of shape ``(N,)`` (so ⌊density·n⌋ uses the
+  config's exact value), global ones as Python scalars;
 * methods marked ``random=True`` also get ``generator``, a seeded ``torch.Generator``.
 
 A method that needs a whole-model statistic (a global magnitude threshold, the Gram matrix of
