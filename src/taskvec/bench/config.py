@@ -72,7 +72,7 @@ class BenchConfig:
 
 LITE = BenchConfig(
     name="lite",
-    tasks=("mr", "hedge"),
+    tasks=("mr", "hedge", "dutch"),
     train=TrainSettings(steps=100, max_len=48),
     test_size=400,
 )

