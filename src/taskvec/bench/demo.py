@@ -8,8 +8,8 @@ the validation split. Experts, probes and scores are cached, so only the first r
 
 from __future__ import annotations
 
-import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,19 +23,16 @@ from taskvec.bench.config import LITE, BenchConfig
 from taskvec.bench.encoder import (
     Head,
     base_model_path,
-    folder_fingerprint,
     load_encoder,
     load_tokenizer,
     set_threads,
 )
 from taskvec.bench.evaluate import EvalResult, Evaluator, combine
 from taskvec.bench.finetune import Expert, build_experts
-from taskvec.bench.probe import linear_probe
+from taskvec.bench.probe import linear_probe, probe_results
 from taskvec.bench.sources import cache_dir
 from taskvec.bench.tasks import load_task
 from taskvec.errors import TaskvecError
-
-log = logging.getLogger("taskvec.bench")
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 
@@ -108,6 +105,12 @@ def run_demo(
     experts = build_experts(config, root, base, progress=progress)
     seconds["experts"] = time.perf_counter() - start
     heads: dict[str, Head] = {t: e.head for t, e in experts.items()}
+    echo(
+        f"Experts in {root / 'experts'}: "
+        + ", ".join(
+            f"{t} ({e.meta['train_seconds']:.0f} s of training)" for t, e in experts.items()
+        )
+    )
     evaluator = Evaluator(
         data,
         load_tokenizer(base),
@@ -121,20 +124,14 @@ def run_demo(
 
     mark = time.perf_counter()
     base_model = load_encoder(base, base)
-    base_fp = folder_fingerprint(base)
     probes = {
         t: linear_probe(
-            evaluator,
-            base_model,
-            t,
-            train_size=config.probe_train,
-            cache=root / "probes",
-            base_fingerprint=base_fp,
+            evaluator, base_model, t, train_size=config.probe_train, cache=root / "probes"
         )
         for t in tasks
     }
     rows: dict[str, EvalResult] = {
-        "base: linear probe": EvalResult({t: p.test for t, p in probes.items()}),
+        "base: linear probe": probe_results(probes),
         "base + expert heads": evaluator.evaluate(base_model, heads, label="base"),
     }
     own = []
@@ -161,6 +158,9 @@ def run_demo(
             out, heads, split="validation", label=f"task_arithmetic λ={lam:g} (validation)"
         )
     best = max(lambdas, key=lambda lam: (on_validation[lam].average, -lam))
+    for lam in lambdas:  # keep only the chosen one on disk (each merge is a full model)
+        if lam != best:
+            shutil.rmtree(merges / f"task_arithmetic-{lam:g}")
     rows[f"merge: task_arithmetic λ={best:g}"] = evaluator.evaluate(
         merges / f"task_arithmetic-{best:g}", heads, label=f"task_arithmetic λ={best:g}"
     )

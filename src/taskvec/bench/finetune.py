@@ -35,7 +35,7 @@ from taskvec.bench.encoder import (
     pooled,
     tokenize,
 )
-from taskvec.bench.tasks import TaskData, load_task
+from taskvec.bench.tasks import PARSER_VERSION, TaskData, get_task, load_task
 
 log = logging.getLogger("taskvec.bench")
 
@@ -57,7 +57,10 @@ def load_expert(path: str | os.PathLike[str]) -> Expert:
 
 
 def expert_dir(root: Path, task: str, settings: TrainSettings, base_fingerprint: str) -> Path:
-    return root / "experts" / f"{task}-{settings.key(task, base_fingerprint)}"
+    """Where the expert of ``task`` lives: keyed by the settings, the base and the task's data."""
+    t = get_task(task)
+    data = f"parser v{PARSER_VERSION}, {t.per_class}/{t.test_per_class}/{t.val_per_class}"
+    return root / "experts" / f"{task}-{settings.key(task, base_fingerprint, data)}"
 
 
 def _lr_factor(step: int, settings: TrainSettings) -> float:

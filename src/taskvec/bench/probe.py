@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from taskvec.bench.encoder import state_fingerprint
 from taskvec.bench.evaluate import EvalResult, Evaluator, TaskScore
 
 log = logging.getLogger("taskvec.bench")
@@ -38,11 +39,10 @@ def linear_probe(
     *,
     train_size: int,
     cache: Path | None = None,
-    base_fingerprint: str = "",
 ) -> ProbeResult:
     """Fit the probe on the first ``train_size`` training examples of ``task``.
 
-    With ``cache``, the result is stored under a hash of ``base_fingerprint`` and the examples.
+    With ``cache``, the result is stored under a hash of the base's weights and the examples.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -53,7 +53,7 @@ def linear_probe(
     path = None
     if cache is not None:
         digests = [evaluator.batches(task, s, sizes.get(s)).digest for s in splits]
-        key = json.dumps([base_fingerprint, train_size, C_GRID, digests])
+        key = json.dumps([state_fingerprint(base.state_dict()), train_size, C_GRID, digests])
         path = cache / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.exists():
             d = json.loads(path.read_text())
