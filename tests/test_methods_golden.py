@@ -606,16 +606,6 @@ def test_density_floors_like_the_config_value(
     close(got, want)
 
 
-TIED_TRIM = (
-    "BUG: with rescale false, ties/breadcrumbs mask by magnitude bounds (ties_family._register "
-    "→ sparsify.magnitude_bounds / outlier_bounds + combine(bounds=...)): every entry tied with "
-    "the k-th largest |τ| is kept (and every entry tied with the ⌊γn⌋-th is dropped), so more "
-    "(or fewer) than ⌊density·n⌋ survive; mergekit 0.1.5 and the documented formula keep "
-    "exactly ⌊density·n⌋. τ = [3, 2, 2, 2, 1], density 0.4 keeps 4 entries instead of 2; on a "
-    "bf16 512×512 fine-tune, density 0.8 keeps 5% too many. The rescale path keeps exactly k."
-)
-
-
 def _tied_tau(seed: int = 0, shape: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
     """A bfloat16 checkpoint pair: task vectors with many exactly tied magnitudes."""
     g = torch.Generator().manual_seed(seed)
@@ -627,14 +617,9 @@ def _tied_tau(seed: int = 0, shape: tuple[int, int] = (64, 64)) -> tuple[np.ndar
 @pytest.mark.parametrize(
     ("method", "extra"),
     [
-        pytest.param("ties", {}, marks=pytest.mark.xfail(strict=True, reason=TIED_TRIM), id="ties"),
+        pytest.param("ties", {}, id="ties"),
         pytest.param("ties", {"rescale": True}, id="ties-rescaled"),
-        pytest.param(
-            "breadcrumbs",
-            {"gamma": 0.05},
-            marks=pytest.mark.xfail(strict=True, reason=TIED_TRIM),
-            id="breadcrumbs",
-        ),
+        pytest.param("breadcrumbs", {"gamma": 0.05}, id="breadcrumbs"),
         pytest.param("breadcrumbs", {"gamma": 0.05, "rescale": True}, id="breadcrumbs-rescaled"),
     ],
 )
@@ -659,10 +644,7 @@ def test_trim_keeps_exactly_k_with_tied_magnitudes(method, extra, density) -> No
     np.testing.assert_array_equal(np.sort(np.abs(tau[kept]))[::-1], want)
 
 
-@pytest.mark.parametrize(
-    "rescale",
-    [pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=TIED_TRIM)), True],
-)
+@pytest.mark.parametrize("rescale", [False, True])
 def test_tied_magnitudes_by_hand(rescale: bool) -> None:
     """ties: τ = [3, 2, 2, 2, 1], density 0.4 → k = 2: 3 and one of the 2s.
     breadcrumbs: |τ| sorted = [⅛, ¼, ½, 1, 2, 3, 4, 5, 5, 5], density 0.5, γ 0.1 → keep

@@ -9,6 +9,7 @@ threshold are broken by position, so exactly ``k`` entries are kept.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +49,41 @@ def kth_largest(values: torch.Tensor, k: int, nonnegative: bool = False) -> floa
     in_bin = values[keys == b]
     need = k - (int(above[b + 1]) if b + 1 < _BINS else 0)
     return float(torch.kthvalue(in_bin, in_bin.numel() - need + 1).values)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The entries of magnitude rank ``[start, stop)`` (rank 0 = largest; equal magnitudes are
+    ranked by position): those with ``lo ≤ |x| ≤ hi`` except the positions in ``drop``, which
+    are the entries tied with ``lo`` or ``hi`` whose rank falls outside the window."""
+
+    lo: float
+    hi: float
+    drop: torch.Tensor
+
+    def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        mask = (magnitude >= self.lo) & (magnitude <= self.hi)
+        mask.view(-1)[self.drop] = False
+        return mask
+
+
+def rank_window(magnitude: torch.Tensor, start: int, stop: int) -> Window:
+    """The :class:`Window` of ranks ``[start, stop)`` of a non-negative tensor."""
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    start, stop = max(0, start), min(n, stop)
+    nothing = torch.zeros(0, dtype=torch.long)
+    if start >= stop:
+        return Window(math.inf, -math.inf, nothing)
+    lo = kth_largest(flat, stop, nonnegative=True) if stop < n else 0.0
+    hi = kth_largest(flat, start + 1, nonnegative=True) if start > 0 else math.inf
+    drops = [nothing]
+    for v in {lo, hi} - {0.0, math.inf}:  # ties at 0 carry no weight whichever are kept
+        ties = torch.nonzero(flat == v).squeeze(1)
+        first = int((flat > v).sum())  # rank of the first tied entry
+        ranks = torch.arange(first, first + ties.numel())
+        drops.append(ties[(ranks < start) | (ranks >= stop)])
+    return Window(lo, hi, torch.cat(drops))
 
 
 def topk_mask(values: torch.Tensor, k: int, nonnegative: bool = False) -> torch.Tensor:
@@ -116,42 +152,35 @@ def rescale_mode(rescale: bool | str) -> str | None:
     return str(rescale)
 
 
-Bounds = tuple[float, float]
-
-
-def magnitude_bounds(delta: torch.Tensor, density: float) -> Bounds:
-    """|δ| bounds ``[lo, hi)`` of the entries :func:`magnitude` keeps (ties at lo all kept)."""
-    if density >= 1 or delta.numel() == 0:
-        return (0.0, math.inf)
-    if density <= 0:
-        return (math.inf, math.inf)
-    k = max(1, int(density * delta.numel()))
-    return (kth_largest(delta.abs().reshape(-1), k, nonnegative=True), math.inf)
-
-
-def outlier_bounds(delta: torch.Tensor, density: float, gamma: float) -> Bounds:
-    """|δ| bounds ``[lo, hi)`` of the entries :func:`outliers` keeps (ties kept at lo,
-    dropped at hi)."""
-    if density >= 1:
-        return (0.0, math.inf)
-    n = delta.numel()
+def _outlier_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ranks kept by Breadcrumbs: ⌊density·n⌋ entries after the ⌊γn⌋ largest, fewer of those
+    skipped when density requires it."""
     keep = int(density * n)
-    n_top = n - max(0, n - keep - int(gamma * n)) - keep
-    a = delta.abs().reshape(-1)
-    lo = kth_largest(a, n_top + keep, nonnegative=True) if n_top + keep > 0 else math.inf
-    hi = kth_largest(a, n_top, nonnegative=True) if n_top > 0 else math.inf
-    return (lo, hi)
+    n_bottom = max(0, n - keep - int(gamma * n))
+    return n - n_bottom - keep, n - n_bottom
+
+
+def magnitude_window(delta: torch.Tensor, density: float) -> Window:
+    """The :class:`Window` :func:`magnitude` keeps."""
+    if density >= 1:
+        return Window(0.0, math.inf, torch.zeros(0, dtype=torch.long))
+    k = max(1, int(density * delta.numel())) if density > 0 else 0
+    return rank_window(delta.abs(), 0, k)
+
+
+def outlier_window(delta: torch.Tensor, density: float, gamma: float) -> Window:
+    """The :class:`Window` :func:`outliers` keeps."""
+    if density >= 1:
+        return Window(0.0, math.inf, torch.zeros(0, dtype=torch.long))
+    return rank_window(delta.abs(), *_outlier_ranks(delta.numel(), density, gamma))
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:
     """Keep the ⌊density·n⌋ (at least one) largest-magnitude entries (TIES trim)."""
     if density >= 1:
         return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    mask = topk_mask(delta.abs().reshape(-1), k, nonnegative=True).reshape(delta.shape)
-    return _rescale(delta, delta * mask, density, rescale)
+    kept = delta * magnitude_window(delta, density).mask(delta.abs())
+    return _rescale(delta, kept, density, rescale)
 
 
 def random_drop(
@@ -173,14 +202,8 @@ def outliers(
     ⌊density·n⌋ entries; fewer top entries are dropped if density requires it."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    keep = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - keep - n_top)
-    n_top = n - n_bottom - keep
-    a = delta.abs().reshape(-1)
-    mask = topk_mask(a, n_top + keep, nonnegative=True) & ~topk_mask(a, n_top, nonnegative=True)
-    return _rescale(delta, delta * mask.reshape(delta.shape), density, rescale)
+    kept = delta * outlier_window(delta, density, gamma).mask(delta.abs())
+    return _rescale(delta, kept, density, rescale)
 
 
 def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:

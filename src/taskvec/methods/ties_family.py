@@ -46,24 +46,26 @@ def combine(
     normalize: bool,
     scale: float,
     unweighted_election: bool = False,
-    bounds: list[sp.Bounds] | None = None,
+    windows: list[sp.Window] | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ · (Σ masked weighted deltas) / (normalizer), as in the module docstring.
 
-    ``deltas`` is overwritten. ``bounds`` (one ``[lo, hi)`` per model) first zeroes the
-    entries whose magnitude falls outside them. With consensus, the entries agreeing with the
+    ``deltas`` is overwritten. ``windows`` (one per model) first zeroes the entries outside
+    each model's magnitude-rank window. With consensus, the entries agreeing with the
     elected sign are summed as Σ max(δᵢ, 0) where the sign is + and Σ min(δᵢ, 0) where it is −,
     which equals Σ mᵢδᵢ without materialising the masks. The work runs in cache-sized blocks.
     """
     w = weight.to(deltas.dtype)
     flat = deltas.reshape(deltas.shape[0], -1)
-    if bounds is not None:
-        lo = torch.tensor([b[0] for b in bounds], dtype=deltas.dtype).unsqueeze(1)
-        hi = torch.tensor([b[1] for b in bounds], dtype=deltas.dtype).unsqueeze(1)
+    if windows is not None:
+        for row, window in zip(flat, windows, strict=True):
+            row[window.drop] = 0  # ties outside the window; now below lo (or zero anyway)
+        lo = torch.tensor([w.lo for w in windows], dtype=deltas.dtype).unsqueeze(1)
+        hi = torch.tensor([w.hi for w in windows], dtype=deltas.dtype).unsqueeze(1)
         for start in range(0, flat.shape[1], BLOCK):
             block = flat[:, start : start + BLOCK]
             a = block.abs()
-            block.mul_((a >= lo) & (a < hi))
+            block.mul_((a >= lo) & (a <= hi))
     if not consensus:
         mixed = weighted_sum(deltas, w)
         total = float(w.sum())
@@ -114,7 +116,7 @@ def _register(
     formula: str,
     options: dict[str, Any] | None = None,
     whole_model: WholeModelPass | None = None,
-    bounds_of: Callable[..., sp.Bounds] | None = None,
+    window_of: Callable[..., sp.Window] | None = None,
 ) -> None:
     def method(
         tensors: torch.Tensor,
@@ -144,13 +146,14 @@ def _register(
             return sparsify(delta, float(density[i]), rescale=mode, **kwargs)
 
         deltas = tensors - base
-        bounds = None
-        if bounds_of is not None and mode is None:  # deterministic masks, applied blockwise
+        windows = None
+        if window_of is not None and mode is None:  # deterministic masks, applied blockwise
             if thresholds is not None:
-                bounds = [(float(t), math.inf) for t in thresholds]
+                none = torch.zeros(0, dtype=torch.long)
+                windows = [sp.Window(float(t), math.inf, none) for t in thresholds]
             else:
-                bounds = [
-                    bounds_of(
+                windows = [
+                    window_of(
                         deltas[i], float(density[i]), **{k: float(v[i]) for k, v in per.items()}
                     )
                     for i in range(deltas.shape[0])
@@ -166,7 +169,7 @@ def _register(
             normalize=normalize,
             scale=params["lambda"],
             unweighted_election=elect == "unweighted",
-            bounds=bounds,
+            windows=windows,
         )
 
     method.__doc__ = formula
@@ -228,7 +231,7 @@ _register(
     histogram pass). The paper's defaults are density 0.2 and λ tuned in [0.8, 2.5].""",
     options={"trim_scope": "tensor", "elect": "weighted"},
     whole_model=GLOBAL_TRIM,
-    bounds_of=sp.magnitude_bounds,
+    window_of=sp.magnitude_window,
 )
 _register(
     "dare_linear",
@@ -266,7 +269,7 @@ _register(
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
-    bounds_of=sp.outlier_bounds,
+    window_of=sp.outlier_window,
     formula="""θ = θ₀ + λ Σ wᵢ (τᵢ without its top-γ outliers and its smallest entries).
 
     Keeps ⌊density·n⌋ entries per tensor after dropping the ⌊γn⌋ largest (fewer if density
@@ -282,7 +285,7 @@ _register(
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
-    bounds_of=sp.outlier_bounds,
+    window_of=sp.outlier_window,
     formula="Breadcrumbs masking of each τᵢ, then TIES sign consensus (unnormalized).",
 )
 _register(
@@ -297,7 +300,7 @@ _register(
     formula="""DELLA MagPrune of each τᵢ, then TIES sign consensus and normalization.
 
     MagPrune keeps an entry with probability rising linearly with its magnitude rank in its row,
-    from density − ε to density + ε (ranks at bfloat16 resolution, ties share their mean rank).
+    from density − ε to density + ε (equal magnitudes ranked by position, as a stable sort).
     `rescale: true` (default, as in mergekit) preserves the L1 norm; the paper's 1/pᵢ is
     `rescale: expectation`.""",
 )
