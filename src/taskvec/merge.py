@@ -307,6 +307,8 @@ def _call(
     extra: dict[str, Any] = {}
     if method.random:
         extra["generator"] = torch.Generator().manual_seed(_seed_for(seed, name))
+    if method.wants_name:
+        extra["name"] = name
     return method.fn(stacked, base, **per_model, **global_, **extra)
 
 

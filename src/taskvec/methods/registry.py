@@ -11,7 +11,9 @@ A merge method is a small pure function over the stacked tensors of one paramete
 * ``base``: the base model's tensor (``*shape``), or ``None`` when the method uses no base;
 * per-model parameters arrive as float64 tensors of shape ``(N,)`` (so ⌊density·n⌋ uses the
   config's exact value), global ones as Python scalars;
-* methods marked ``random=True`` also get ``generator``, a seeded ``torch.Generator``.
+* methods marked ``random=True`` also get ``generator``, a seeded ``torch.Generator``;
+* methods marked ``wants_name=True`` also get ``name``, the output tensor's name (for methods
+  whose rule depends on what the tensor is, e.g. embeddings); they must default it to ``None``.
 
 A method that needs a whole-model statistic (a global magnitude threshold, the Gram matrix of
 the task vectors) declares a :class:`WholeModelPass`: the engine first streams every tensor
@@ -66,6 +68,7 @@ class MergeMethod:
     min_models: int = 1
     whole_model: WholeModelPass | None = None
     elementwise: bool = False
+    wants_name: bool = False
 
     @property
     def formula(self) -> str:
@@ -99,6 +102,7 @@ def merge_method(
     min_models: int = 1,
     whole_model: WholeModelPass | None = None,
     elementwise: bool = False,
+    wants_name: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
 
@@ -116,6 +120,7 @@ def merge_method(
             min_models,
             whole_model,
             elementwise,
+            wants_name,
         )
         return fn
 
