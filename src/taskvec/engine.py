@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22  # rows per job of elementwise work: 16 MiB of float32 per input
 
 
 @dataclass(frozen=True)
@@ -136,18 +137,21 @@ def keep_freed_memory() -> None:
 
     By default every allocation above 32 MiB is a fresh ``mmap`` whose pages are faulted in and
     zeroed on first touch, and returned to the system on free, which costs more than the
-    arithmetic on such tensors. Jobs allocate blocks of the same few sizes over and over,
-    so reusing them is both faster and bounded by the working set. No-op off glibc.
+    arithmetic on such tensors. Worker threads get arenas of at most 64 MiB, which send larger
+    blocks to ``mmap`` too, so all threads share the main arena. Jobs allocate blocks of the
+    same few sizes over and over, so reusing them is both faster and bounded by the working
+    set. No-op off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, 1)
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     except (OSError, AttributeError):
         pass
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 @contextmanager
@@ -166,12 +170,14 @@ def parallel_map(
 ) -> Iterator[R]:
     """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight.
 
-    With ``threads > 1`` each worker runs with one intra-op torch thread. The first exception
-    raised by ``fn`` propagates and the remaining items are cancelled.
+    Each worker runs with one intra-op torch thread (so ``threads`` is the number of cores
+    used). The first exception raised by ``fn`` propagates and the remaining items are
+    cancelled.
     """
     keep_freed_memory()
     if threads <= 1:
-        yield from map(fn, items)
+        with intra_op_threads(1):
+            yield from map(fn, items)
         return
     window = window or threads + 1
     with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
@@ -189,7 +195,12 @@ def parallel_map(
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise if ``tensor`` holds a NaN or an infinity (one reduction pass: min and max
+    propagate NaN, so both are finite only when every entry is)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NumericError(
             f"tensor {name!r}: {bad} NaN/Inf value(s) produced in {dtype_name(tensor.dtype)}"
@@ -230,11 +241,13 @@ def execute(
         writer.write(job.name, result, job.rows[0] if job.rows else 0)
         return job.out_bytes
 
+    gc.freeze()  # the plan's many objects need no more collecting: cheaper collections
     try:
         for nbytes in parallel_map(run, jobs, threads):
             bar.update(nbytes)
     finally:
         bar.close()
+        gc.unfreeze()
     seconds = time.perf_counter() - start
     stats = RunStats(len(jobs), sum(j.read_bytes for j in jobs), total, seconds)
     log.info(

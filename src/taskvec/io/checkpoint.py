@@ -73,6 +73,8 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None  # set first: __del__ runs even if the header is refused
+        self._lock = threading.Lock()
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
@@ -115,8 +117,6 @@ class SafetensorsFile:
                 )
             self._infos[name] = info
             self._offsets[name] = (begin, end)
-        self._fd: int | None = None
-        self._lock = threading.Lock()
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -141,16 +141,16 @@ class SafetensorsFile:
             shape = (rows[1] - rows[0], *shape[1:])
         if end == begin:
             return torch.empty(shape, dtype=info.dtype)
-        buf = bytearray(end - begin)
-        view = memoryview(buf)
+        out = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+        view = memoryview(out.numpy())
         fd = self._descriptor()
         pos, offset = 0, self._data_start + begin
-        while pos < len(buf):
+        while pos < len(view):
             got = os.preadv(fd, [view[pos:]], offset + pos)
             if got <= 0:
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
             pos += got
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+        return out.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -36,9 +36,11 @@ def linear(
 ) -> torch.Tensor:
     """θ = Σᵢ wᵢ θᵢ / Σᵢ wᵢ  (without the division when normalize is false).
 
-    Only the models listed under `models` are averaged; a `base_model` that is not listed
-    there only supplies the config and tokenizer. Weights summing to 0 with normalize is an
-    error (mergekit divides by zero).
+    linear has no base role. As in mergekit, a `base_model` that `models` does not list is
+    averaged in as one more input θ_{N+1} (its weight comes from the top-level parameters), so
+    with top-level `weight: w` θ = (Σᵢ wᵢ θᵢ + w θ₀) / (Σᵢ wᵢ + w); list only the models to
+    average and leave `base_model` out to exclude it. Weights summing to 0 with normalize is
+    an error (mergekit divides by zero).
     """
     out = weighted_sum(tensors, weight)
     return _divide_by_total(out, weight) if normalize else out
@@ -47,8 +49,8 @@ def linear(
 @merge_method(
     "task_arithmetic",
     base="required",
-    per_model={"weight": REQUIRED},
-    globals={"lambda": 1.0, "normalize": False, "int8_mask": False},
+    per_model={"weight": REQUIRED, "density": 1.0},
+    globals={"lambda": 1.0, "normalize": False, "int8_mask": False, "rescale": False},
     reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
     elementwise=True,
 )
@@ -59,14 +61,19 @@ def task_arithmetic(
     weight: torch.Tensor,
     normalize: bool,
     int8_mask: bool,
+    density: torch.Tensor,
+    rescale: bool | str,
     **params: float,
 ) -> torch.Tensor:
     """θ = θ₀ + λ Σᵢ wᵢ (θᵢ − θ₀)  (divided by Σᵢ wᵢ when normalize is true).
 
     Negative weights subtract a task vector (negation / unlearning). ``int8_mask`` only changes
-    the storage of mergekit's internal masks and has no numerical effect here.
+    the storage of mergekit's internal masks and has no numerical effect here. ``density`` and
+    ``rescale`` are accepted and ignored, as in mergekit (whose task arithmetic is its
+    generalized task arithmetic without sparsification): use ties, dare_linear or breadcrumbs
+    to sparsify.
     """
-    delta = weighted_sum(tensors - base, weight)
+    delta = weighted_sum(tensors.sub_(base), weight)  # tensors is the call's own buffer
     if normalize:
         delta = _divide_by_total(delta, weight)
-    return base + params["lambda"] * delta
+    return delta.mul_(params["lambda"]).add_(base)

@@ -6,8 +6,12 @@ A merge method is a small pure function over the stacked tensors of one paramete
                   globals={"normalize": True}, reference="Wortsman et al. 2022")
     def linear(tensors, base, *, weight, normalize): ...
 
-* ``tensors``: float tensor of shape ``(N, *shape)``, one row per input model (the base model
-  is not among them unless the config lists it as an input);
+* ``tensors``: float tensor of shape ``(N, *shape)``, one row per input model. The base model
+  is not among them unless the config lists it under ``models``, or the method has no base
+  role (``base="unused"``): then, as in mergekit, a ``base_model`` that ``models`` does not
+  list is the last input;
+  ``tensors`` is the call's own buffer: a method may overwrite it (``tensors.sub_(base)``)
+  to save a copy of the largest thing in memory;
 * ``base``: the base model's tensor (``*shape``), or ``None`` when the method uses no base;
 * per-model parameters arrive as float64 tensors of shape ``(N,)`` (so ⌊density·n⌋ uses the
   config's exact value), global ones as Python scalars;

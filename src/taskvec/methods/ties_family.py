@@ -145,7 +145,7 @@ def _register(
                 kwargs["generator"] = generator
             return sparsify(delta, float(density[i]), rescale=mode, **kwargs)
 
-        deltas = tensors - base
+        deltas = tensors.sub_(base)  # tensors is the call's own buffer
         windows = None
         if window_of is not None and mode is None:  # deterministic masks, applied blockwise
             if thresholds is not None:
