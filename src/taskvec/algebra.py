@@ -221,10 +221,10 @@ class Model(_Expr):
             return WeightedModels([(1.0, self)]) + other
         return NotImplemented
 
-    def __mul__(self, c: float) -> WeightedModels:
+    def __mul__(self, c: float) -> Model | WeightedModels:
         if not isinstance(c, int | float):
             return NotImplemented
-        return WeightedModels([(float(c), self)])
+        return WeightedModels([(float(c), self)])._settle()  # 1·m is m itself
 
     __rmul__ = __mul__
 

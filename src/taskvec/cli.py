@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from taskvec.algebra import Model, TaskVector, apply, load, load_model
-from taskvec.engine import default_threads
+from taskvec.engine import default_threads, planned_tensors
 from taskvec.errors import CheckpointError, TaskvecError
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.dtypes import dtype_name
@@ -106,7 +106,8 @@ def merge(
         progress=not no_progress,
     )
     if not dry_run:
-        click.echo(f"merged {len(plan.jobs)} tensors with {plan.method.name} into {out}")
+        n_tensors = len(planned_tensors(plan.jobs))  # jobs are row chunks of tensors
+        click.echo(f"merged {n_tensors} tensors with {plan.method.name} into {out}")
         return
     click.echo(f"plan: {plan.method.name} -> {out}")
     for line in plan.summary(threads or default_threads()).lines():
