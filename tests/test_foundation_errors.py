@@ -101,6 +101,17 @@ def test_missing_task_vector_in_apply(bert: Family, tmp_path: Path, no_leftovers
     no_leftovers(tmp_path / "out")
 
 
+def test_apply_without_out(bert: Family, tmp_path: Path) -> None:
+    tau = tmp_path / "tau"
+    assert run_cli("diff", bert.base, bert.fts[0], tau, "--no-progress").exit_code == 0
+    before = tree_digest(tau)
+    res = run_cli("apply", bert.base, tau, "--no-progress")
+    assert res.exit_code == 2  # a usage error
+    assert "OUT" in res.stderr and "Traceback" not in res.stderr
+    assert tree_digest(tau) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tau"]
+
+
 def test_info_missing_path(tmp_path: Path) -> None:
     one_error_line(run_cli("info", tmp_path / "gone"), "gone", "no such file or folder")
 

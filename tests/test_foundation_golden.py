@@ -168,8 +168,7 @@ def test_cli_diff_then_apply_with_scale(llama: Family, tmp_path: Path) -> None:
         "apply",
         llama.base,
         *vectors,
-        "-o",
-        tmp_path / "applied",
+        tmp_path / "applied",  # `taskvec apply BASE TV... OUT --scale`, as the spec writes it
         "--scale",
         "-0.4",
         "--no-progress",
@@ -177,6 +176,14 @@ def test_cli_diff_then_apply_with_scale(llama: Family, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     ref, bound = expected_task_arithmetic(llama, [1.0, 1.0], -0.4)
     check(load_folder(tmp_path / "applied"), ref, bound)
+    # -o OUT is the same thing
+    res = run_cli(
+        "apply", llama.base, *vectors, "-o", tmp_path / "o", "--scale", "-0.4", "--no-progress"
+    )
+    assert res.exit_code == 0, res.stderr
+    assert load_folder(tmp_path / "o").keys() == load_folder(tmp_path / "applied").keys()
+    for k, v in load_folder(tmp_path / "o").items():
+        assert torch.equal(v, load_folder(tmp_path / "applied")[k]), k
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,3 +493,12 @@ def test_tokenizer_source_names_another_model(llama: Family, tmp_path: Path) -> 
     assert (out / "generation_config.json").read_bytes() == (
         llama.base / "generation_config.json"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("layout, files", [("bin-base", 3), ("pt-base", 1), ("st-base", 1)])
+def test_cli_info_other_layouts(bert: Family, layout: str, files: int) -> None:
+    res = run_cli("info", bert.extra[layout])
+    assert res.exit_code == 0, res.stderr
+    assert f"tensors:    {len(bert.base_sd)} in {files} file(s)" in res.stdout
+    assert f"parameters: {sum(v.numel() for v in bert.base_sd.values()):,}" in res.stdout
+    assert ": model" in res.stdout.splitlines()[0]

@@ -156,7 +156,13 @@ def diff(
 @main.command("apply")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("vectors", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (default: the last argument, as in `taskvec apply BASE TV... OUT`).",
+)
 @click.option(
     "--scale",
     type=float,
@@ -173,7 +179,7 @@ def diff(
 def apply_cmd(
     base: Path,
     vectors: tuple[Path, ...],
-    out: Path,
+    out: Path | None,
     scale: float,
     dtype: str | None,
     shard_size: str,
@@ -181,7 +187,12 @@ def apply_cmd(
     overwrite: bool,
     no_progress: bool,
 ) -> None:
-    """Apply task vectors to BASE: OUT = BASE + scale · Σ VECTORS."""
+    """Apply task vectors to BASE: OUT = BASE + scale · Σ VECTORS (BASE TV... OUT, or -o OUT)."""
+    if out is None:
+        if len(vectors) < 2:
+            raise click.UsageError("give BASE, at least one task vector, and OUT (or -o OUT)")
+        *rest, out = vectors
+        vectors = tuple(rest)
     taus = []
     for v in vectors:
         loaded = load(v)
