@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from taskvec.bench.evaluate import EvalResult, Evaluator, TaskScore, combine  # 
 from taskvec.bench.probe import linear_probe  # noqa: E402
 from taskvec.bench.sources import BenchError, DataError, Source  # noqa: E402
 from taskvec.bench.tasks import Task, TaskData, split_examples  # noqa: E402
+from taskvec.errors import TaskvecError  # noqa: E402
 
 WORDS = {
     "pos": ["good", "great", "fine", "nice", "superb"],
@@ -425,3 +427,274 @@ def test_demo_merges_through_the_config_path(
     name = "encoder.layer.0.attention.self.query.weight"
     parts = [load_file(str(e.path / "model.safetensors"))[name] for e in experts]
     assert torch.allclose(avg[name], sum(parts) / len(parts), atol=1e-6)
+
+
+# --- bench build / eval / run on the tiny model ------------------------------------------------
+
+from click.testing import CliRunner  # noqa: E402
+
+from taskvec.bench import build as build_mod  # noqa: E402
+from taskvec.bench import results as results_mod  # noqa: E402
+from taskvec.bench.config import PRESETS  # noqa: E402
+from taskvec.bench.encoder import idle_cores  # noqa: E402
+from taskvec.bench.harness import Bench  # noqa: E402
+from taskvec.bench.probe import ProbeResult  # noqa: E402
+from taskvec.bench.suite import run_suite  # noqa: E402
+from taskvec.bench.sweeps import Sweep, available, negate, run_sweep  # noqa: E402
+
+
+def _toy_config(tasks: tuple[str, ...], **kw: object) -> BenchConfig:
+    defaults: dict[str, object] = {"probe_train": 40, "eval_batch_size": 8, "min_margin": -100.0}
+    return BenchConfig("toybench", tasks, SETTINGS, **(defaults | kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def toy_bench(tiny_base: Path, tmp_path: Path, toy_tasks: list[str]) -> Bench:
+    return Bench.open(
+        _toy_config(tuple(toy_tasks)),
+        cache=tmp_path,
+        base=tiny_base,
+        threads=1,
+        progress=False,
+        echo=lambda s: None,
+    )
+
+
+def test_build_records_margins_and_replaces_a_task_under_the_bar(
+    tiny_base: Path, tmp_path: Path, toy_tasks: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(tasks.TASKS, "toy3", synthetic_task("toy3", 40))
+    real_probe = build_mod.linear_probe
+
+    def probe(evaluator: Evaluator, base: torch.nn.Module, task: str, **kw: object) -> object:
+        result = real_probe(evaluator, base, task, **kw)  # type: ignore[arg-type]
+        # a probe no expert can beat for toy2 (replaced), one any expert beats for the others
+        correct = 32 if task == "toy2" else 0
+        return ProbeResult(task, result.c, result.validation, TaskScore(correct, 32))
+
+    monkeypatch.setattr(build_mod, "linear_probe", probe)
+    config = _toy_config(("toy", "toy2"), reserve=("toy3",), min_margin=0.5)
+    lines: list[str] = []
+    built = build_mod.build_benchmark(
+        config, cache=tmp_path, base=tiny_base, threads=1, progress=False, echo=lines.append
+    )
+    assert built.tasks == ["toy", "toy3"] and built.replaced == {"toy2": "toy3"}
+    assert not built.checks["toy2"].passed and built.checks["toy2"].margin < 0
+    manifest = json.loads((tmp_path / "bench/toybench.json").read_text())
+    assert manifest["tasks"] == ["toy", "toy3"] and manifest["replaced"] == {"toy2": "toy3"}
+    check = manifest["checks"]["toy"]
+    assert check["margin_points"] == pytest.approx(
+        100 * (check["expert"] - check["probe"]), abs=0.01
+    )
+    assert any("replacing toy2 with toy3" in line for line in lines)
+
+    # a second build reuses everything; with no reserve left, a failing task stops the build
+    def no_training(*a: object, **k: object) -> None:
+        raise AssertionError("rebuilt a cached expert")
+
+    monkeypatch.setattr(finetune, "train_expert", no_training)
+    again = build_mod.build_benchmark(
+        config, cache=tmp_path, base=tiny_base, progress=False, echo=lambda s: None
+    )
+    assert again.tasks == built.tasks
+    with pytest.raises(BenchError, match="no reserve task is left"):
+        build_mod.build_benchmark(
+            config.replace(reserve=()), cache=tmp_path, base=tiny_base, echo=lambda s: None
+        )
+
+
+def test_configs_name_the_experts(toy_bench: Bench) -> None:
+    b = toy_bench
+    cfg = b.resolve({"merge_method": "task_arithmetic", "base_model": "base", "models": "experts"})
+    assert cfg["base_model"] == str(b.built.base) and cfg["dtype"] == "float32"
+    assert [m["model"] for m in cfg["models"]] == [str(b.built.experts[t].path) for t in b.tasks]
+    assert all(m["parameters"] == {"weight": 1.0} for m in cfg["models"])
+    magmax = b.resolve({"merge_method": "magmax", "base_model": "base", "models": "experts"})
+    assert all("parameters" not in m for m in magmax["models"])  # magmax takes no weights
+    one = b.resolve(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "expert:toy2", "parameters": {"weight": 1}}],
+        }
+    )
+    assert one["models"][0]["model"] == str(b.built.experts["toy2"].path)
+    with pytest.raises(BenchError, match="no expert 'nope'"):
+        b.resolve({"merge_method": "linear", "models": [{"model": "expert:nope"}]})
+    with pytest.raises(TaskvecError):
+        b.resolve({"merge_method": "no_such_method", "models": "experts"})
+
+
+def test_run_scores_a_merge_and_caches_it(
+    toy_bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = toy_bench
+    zero = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": "experts",
+        "parameters": {"lambda": 0.0},
+    }
+    run = b.run(zero, split="validation")
+    assert run.result == b.evaluate(b.built.base, split="validation")  # λ = 0 is the base
+    assert run.split == "validation" and run.parameters == {"lambda": 0.0}
+    assert run.normalized == pytest.approx(
+        run.result.normalized(b.built.reference("validation"))[0]
+    )
+    assert not list(b.scratch.glob("run-*"))  # the scratch merge is removed
+    avg = {"merge_method": "linear", "models": "experts"}
+    one = b.run(avg, label="avg")
+    assert one.label == "avg" and set(one.result.scores) == set(b.tasks)
+
+    def no_merge(*a: object, **k: object) -> None:
+        raise AssertionError("merged a cached config again")
+
+    monkeypatch.setattr(Bench, "merge", no_merge)
+    assert b.run(zero, split="validation").result == run.result
+
+
+def test_sweep_chooses_on_validation_and_scores_test_once(
+    toy_bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits: list[str] = []
+    real_run = Bench.run
+
+    def spy(self: Bench, config: object, **kw: object) -> object:
+        splits.append(str(kw.get("split")))
+        return real_run(self, config, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Bench, "run", spy)
+    sweep = Sweep("ta", "task_arithmetic", {"normalize": False}, {"lambda": (0.0, 0.5, 1.0)})
+    outcome = run_sweep(toy_bench, sweep)
+    assert splits == ["validation"] * 3 + ["test"]
+    scores = [r.normalized for r in outcome.validation]
+    assert outcome.chosen["lambda"] == (0.0, 0.5, 1.0)[scores.index(max(scores))]
+    entry = outcome.to_json()
+    assert entry["parameters"] == {"normalize": False, "lambda": outcome.chosen["lambda"]}
+    assert {"method", "parameters", "acc", "avg", "normalized", "seconds"} <= set(entry)
+    assert len(entry["selection"]["validation"]) == 3
+    assert entry["normalized"] == pytest.approx(outcome.test.normalized, abs=1e-4)
+    assert Sweep("x", "linear").points() == [{}]
+
+
+def test_negation_keeps_the_largest_lambda_that_spares_the_other_tasks(toy_bench: Bench) -> None:
+    r = negate(toy_bench, "toy", lambdas=(2.0, 0.5, 1.0), ratio=0.0)
+    assert [v["lambda"] for v in r["validation"]] == [0.5, 1.0, 2.0]  # ascending
+    assert r["lambda"] == 2.0 and all(v["ok"] for v in r["validation"])  # ratio 0: all pass
+    assert r["drop_points"] == pytest.approx(100 * (r["target_base"] - r["target"]), abs=0.01)
+    strict = negate(toy_bench, "toy", lambdas=(0.5, 1.0), ratio=10.0)  # nothing can pass
+    assert strict["lambda"] == 0.0 and strict["drop_points"] == 0.0
+    assert len(strict["validation"]) == 1 and not strict["validation"][0]["ok"]
+    with pytest.raises(BenchError, match="no task"):
+        negate(toy_bench, "nope")
+
+
+def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_path: Path) -> None:
+    out = tmp_path / "results/bench-toy.json"
+    sweeps = [
+        Sweep("linear (average)", "linear"),
+        Sweep("ta", "task_arithmetic", grid={"lambda": (0.3, 1.0)}),
+        Sweep("future", "not_landed_yet"),
+    ]
+    data = run_suite(toy_bench, out, sweeps=sweeps, negation=True, echo=lambda s: None)
+    saved = json.loads(out.read_text())
+    assert saved["merges"] == data["merges"]
+    for key in ("benchmark", "model", "tasks", "n_test", "base_probe", "base", "experts"):
+        assert key in saved
+    assert saved["tasks"] == ["toy", "toy2"] and saved["n_test"] == {"toy": 32, "toy2": 32}
+    assert set(saved["merges"]) == {"linear (average)", "ta"} and saved["missing"] == [
+        "future (no method 'not_landed_yet' yet)"
+    ]
+    entry = saved["merges"]["ta"]
+    assert set(entry["acc"]) == {"toy", "toy2"} and entry["parameters"]["lambda"] in (0.3, 1.0)
+    assert entry["avg"] == pytest.approx(sum(entry["acc"].values()) / 2, abs=1e-3)
+    assert set(saved["negation"]) >= {"toy", "toy2", "protocol"}
+    assert set(saved["expert_check"]) == {"toy", "toy2"}
+    table = out.with_suffix(".md").read_text()
+    assert "| ta |" in table and "negated task" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # an update run keeps the other rows
+    again = run_suite(
+        toy_bench, out, sweeps=sweeps[:1], negation=False, update=True, echo=lambda s: None
+    )
+    assert set(again["merges"]) == {"linear (average)", "ta"} and "negation" in again
+
+
+def test_available_skips_methods_not_registered() -> None:
+    sweeps = [Sweep("a", "linear"), Sweep("b", "tsv_not_here"), Sweep("c", "magmax", {"k": 1})]
+    have, missing = available(sweeps)
+    assert [s.label for s in have] == ["a"]
+    assert missing == ["b (no method 'tsv_not_here' yet)", "c (magmax takes no k)"]
+
+
+def test_markdown_table_from_a_results_dict() -> None:
+    data = {
+        "benchmark": "x",
+        "tasks": ["a", "b"],
+        "n_test": {"a": 100, "b": 100},
+        "summary": {
+            "experts": {"acc": {"a": 0.8, "b": 0.9}, "avg": 0.85, "normalized": 1.0},
+        },
+        "merges": {
+            "m1": {
+                "method": "ties",
+                "parameters": {"density": 0.2, "lambda": 1.0},
+                "acc": {"a": 0.7, "b": 0.8},
+                "avg": 0.75,
+                "normalized": 0.88,
+                "seconds": 3.2,
+                "selection": {"grid": {"lambda": [0.5, 1.0]}},
+            }
+        },
+    }
+    text = results_mod.markdown(data)
+    assert "| m1 | density=0.2, **lambda=1.0** | 70.0 | 80.0 |" in text
+    assert text.index("experts (each") < text.index("| m1 |")
+
+
+def test_idle_cores_is_at_least_one() -> None:
+    assert 1 <= idle_cores() <= (os.cpu_count() or 1)
+
+
+def test_bench_cli_eval_run_and_report(
+    tiny_base: Path, tmp_path: Path, toy_tasks: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskvec.cli import main
+
+    monkeypatch.setitem(PRESETS, "lite", _toy_config(tuple(toy_tasks)))
+    monkeypatch.setattr(build_mod, "base_model_path", lambda: tiny_base)
+    common = ["--benchmark", "lite", "--cache-dir", str(tmp_path), "--threads", "1"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "build", *common, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "margin" in res.output and "built 2 experts" in res.output
+    cfg = tmp_path / "ta.yaml"
+    cfg.write_text(
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+        "  - model: expert:toy\n    parameters: {weight: 1.0}\n"
+        "  - model: expert:toy2\n    parameters: {weight: 1.0}\nparameters: {lambda: 0.5}\n"
+    )
+    scores = tmp_path / "scores.json"
+    res = runner.invoke(
+        main,
+        ["bench", "eval", str(cfg), *common, "--json", str(scores), "--keep", str(tmp_path / "m")],
+    )
+    assert res.exit_code == 0, res.output
+    assert "normalised" in res.output and (tmp_path / "m/config.json").exists()
+    entry = json.loads(scores.read_text())["ta"]
+    assert entry["method"] == "task_arithmetic" and set(entry["acc"]) == {"toy", "toy2"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: linear\nmodels:\n  - model: expert:nope\n")
+    res = runner.invoke(main, ["bench", "eval", str(bad), *common])
+    assert res.exit_code == 1 and "no expert 'nope'" in res.output
+    out = tmp_path / "r.json"
+    res = runner.invoke(
+        main,
+        ["bench", "run", *common, "--out", str(out), "--only", "linear (average)", "--no-negation"],
+    )
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(out.read_text())["merges"]) == ["linear (average)"]
+    out.with_suffix(".md").unlink()
+    res = runner.invoke(main, ["bench", "report", str(out)])
+    assert res.exit_code == 0 and out.with_suffix(".md").exists()
+    res = runner.invoke(main, ["bench", "run", "--list"])
+    assert "task_arithmetic" in res.output and "lambda in" in res.output

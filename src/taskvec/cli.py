@@ -316,10 +316,12 @@ def methods_cmd(markdown: bool) -> None:
 def _register_optional_commands() -> None:
     """Commands that live with their feature (the benchmark harness)."""
     try:
+        from taskvec.bench.cli import bench
         from taskvec.bench.demo import demo
     except ImportError:
         return
     main.add_command(demo)
+    main.add_command(bench)
 
 
 _register_optional_commands()

@@ -45,6 +45,8 @@ class BenchConfig:
 
     ``test_size`` / ``val_size`` cap the examples evaluated per task (None: the whole split);
     ``probe_train`` is how many training examples the frozen-base linear probe is fitted on.
+    An expert must beat that probe on its test split by ``min_margin`` points; a task whose
+    expert does not is replaced by the next ``reserve`` task (see :mod:`~taskvec.bench.build`).
     """
 
     name: str
@@ -54,12 +56,16 @@ class BenchConfig:
     val_size: int | None = None
     probe_train: int = 1500
     eval_batch_size: int = 64
+    reserve: tuple[str, ...] = ()
+    min_margin: float = 3.0
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise BenchError("a benchmark needs at least one task")
-        for name in self.tasks:
+        for name in (*self.tasks, *self.reserve):
             get_task(name)
+        if set(self.tasks) & set(self.reserve) or len(set(self.tasks)) != len(self.tasks):
+            raise BenchError("a task appears twice among the tasks and reserve tasks")
 
     def replace(self, **changes: Any) -> BenchConfig:
         """A copy with some fields changed; training fields may be given directly too."""
@@ -78,6 +84,6 @@ LITE = BenchConfig(
 )
 FULL = BenchConfig(
     name="full",
-    tasks=("mr", "hedge", "spam", "wordnet", "brown", "fortunes"),
+    tasks=("mr", "hedge", "spam", "wordnet", "brown", "fortunes", "dutch"),
 )
 PRESETS = {c.name: c for c in (LITE, FULL)}

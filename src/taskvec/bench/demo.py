@@ -55,13 +55,16 @@ class DemoReport:
 def merge_config(
     method: str, base: Path, experts: Sequence[Expert], **params: Any
 ) -> dict[str, Any]:
-    """A mergekit-style config merging ``experts`` onto ``base`` with ``method``."""
-    config: dict[str, Any] = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(e.path), "parameters": {"weight": 1.0}} for e in experts],
-        "dtype": "float32",
-    }
+    """A mergekit-style config merging ``experts`` onto ``base`` with ``method``.
+
+    A method without a base role gets no ``base_model`` (it would be averaged in as a model)."""
+    from taskvec.methods import get_method
+
+    config: dict[str, Any] = {"merge_method": method}
+    if get_method(method).base != "unused":
+        config["base_model"] = str(base)
+    config["models"] = [{"model": str(e.path), "parameters": {"weight": 1.0}} for e in experts]
+    config["dtype"] = "float32"
     if params:
         config["parameters"] = params
     return config
@@ -90,7 +93,7 @@ def run_demo(
     seconds: dict[str, float] = {}
     root = cache_dir(cache)
     base = base_model_path()
-    set_threads(threads)
+    threads = set_threads(threads)
     tasks = list(config.tasks)
     echo(
         f"taskvec demo: {len(tasks)} MiniLM experts ({', '.join(tasks)}), "
@@ -222,7 +225,8 @@ def format_table(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Torch threads (default 1: faster than 2 when another job holds a core).",
+    help="Torch threads (default: the cores not busy now; 1 beats 2 when another job holds "
+    "a core).",
 )
 @click.option(
     "--steps",

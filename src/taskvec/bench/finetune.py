@@ -173,6 +173,25 @@ def _add_missing_base_tensors(folder: Path, base: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def build_expert(
+    name: str,
+    config: BenchConfig,
+    root: Path,
+    base: Path,
+    *,
+    base_fingerprint: str | None = None,
+    progress: bool = True,
+) -> Expert:
+    """The expert of task ``name``: reused from ``root`` or fine-tuned now."""
+    base_fp = base_fingerprint or folder_fingerprint(base)
+    out = expert_dir(root, name, config.train, base_fp)
+    if (out / Head.META).exists():
+        log.info("%s: reusing expert %s", name, out)
+        return load_expert(out)
+    log.info("%s: fine-tuning an expert for %d steps", name, config.train.steps)
+    return train_expert(load_task(name, root), base, out, config.train, progress=progress)
+
+
 def build_experts(
     config: BenchConfig,
     root: Path,
@@ -182,15 +201,7 @@ def build_experts(
 ) -> dict[str, Expert]:
     """The experts of every task in ``config``: reused from ``root`` or fine-tuned now."""
     base_fp = folder_fingerprint(base)
-    experts = {}
-    for name in config.tasks:
-        out = expert_dir(root, name, config.train, base_fp)
-        if (out / Head.META).exists():
-            log.info("%s: reusing expert %s", name, out)
-            experts[name] = load_expert(out)
-            continue
-        log.info("%s: fine-tuning an expert for %d steps", name, config.train.steps)
-        experts[name] = train_expert(
-            load_task(name, root), base, out, config.train, progress=progress
-        )
-    return experts
+    return {
+        name: build_expert(name, config, root, base, base_fingerprint=base_fp, progress=progress)
+        for name in config.tasks
+    }

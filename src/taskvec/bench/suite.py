@@ -1,0 +1,129 @@
+"""``taskvec bench run``: every sweep and the negation study, written to the results JSON.
+
+The JSON (and its Markdown table and PNG chart) is rewritten after every sweep, so an
+interrupted run leaves the rows it finished; a rerun takes every scored config from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from taskvec.bench.harness import Bench
+from taskvec.bench.results import assemble, write_json, write_reports
+from taskvec.bench.sweeps import (
+    CONTROL_RATIO,
+    NEGATION_LAMBDAS,
+    SELECTION_RULE,
+    SWEEPS,
+    Sweep,
+    available,
+    negate,
+    run_sweep,
+)
+from taskvec.errors import TaskvecError
+
+
+def run_suite(
+    bench: Bench,
+    out: Path | None,
+    *,
+    sweeps: Sequence[Sweep] = SWEEPS,
+    negation: bool = True,
+    update: bool = False,
+    echo: Callable[[str], None] = click.echo,
+) -> dict[str, Any]:
+    """Run ``sweeps`` (those whose method exists) and, with ``negation``, negate every task;
+    write ``out`` (JSON, plus ``.md`` and ``.png``) after each step when ``out`` is given.
+
+    With ``update``, the rows and negation results already in ``out`` (for the same
+    benchmark and tasks) are kept unless this run replaces them."""
+    start = time.perf_counter()
+    built = bench.built
+    tasks = bench.tasks
+    have, missing = available(sweeps)
+    if missing:
+        echo(f"not in the method registry (yet), skipped: {', '.join(missing)}")
+    base = bench.evaluate(built.base, label="base")
+    reference = built.reference("test")
+    merges: dict[str, dict[str, Any]] = {}
+    negated: dict[str, Any] = {}
+    if update and out is not None and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("benchmark") == built.config.name and old.get("tasks") == tasks:
+            merges.update(old.get("merges", {}))
+            negated.update({t: r for t, r in old.get("negation", {}).items() if t in tasks})
+
+    def save() -> dict[str, Any]:
+        data = assemble(
+            benchmark=built.config.name,
+            tasks=tasks,
+            n_test={t: s.n for t, s in reference.scores.items()},
+            n_validation={t: s.n for t, s in built.reference("validation").scores.items()},
+            probe=built.probes(),
+            base=base,
+            experts=reference,
+            merges=merges,
+            extra=_extras(bench, negated, missing, time.perf_counter() - start),
+        )
+        if out is not None:
+            write_json(data, out)
+            write_reports(data, out)
+        return data
+
+    for sweep in have:
+        echo(f"{sweep.label} ({sweep.method})")
+        try:
+            merges[sweep.label] = run_sweep(bench, sweep, echo=echo).to_json()
+        except TaskvecError as e:  # one failing method must not stop the others
+            echo(f"  {sweep.label} failed: {e}")
+            missing.append(f"{sweep.label} (failed: {e})")
+            continue
+        save()
+    if negation:
+        echo("negation: θ0 − λτ_t")
+        for task in tasks:
+            negated[task] = negate(bench, task, echo=echo)
+            save()
+    return save()
+
+
+def _extras(
+    bench: Bench, negated: dict[str, Any], missing: list[str], seconds: float
+) -> dict[str, Any]:
+    built = bench.built
+    extra: dict[str, Any] = {
+        "expert_check": {t: c.to_json() for t, c in built.checks.items()},
+        "replaced": built.replaced,
+        "selection_rule": SELECTION_RULE,
+        "settings": {
+            "train": built.config.train.__dict__,
+            "probe_train": built.config.probe_train,
+            "min_margin_points": built.config.min_margin,
+            "threads": built.threads,
+            "random_seed": bench.seed,
+        },
+        "timings": {
+            "experts_train_seconds": {
+                t: c.train_seconds for t, c in built.checks.items() if t in built.tasks
+            },
+            "suite_seconds": round(seconds, 1),
+        },
+        "missing": missing,
+    }
+    if negated:
+        extra["negation"] = {
+            "protocol": (
+                f"θ0 − λτ_t via task_arithmetic (weight −1); λ from {list(NEGATION_LAMBDAS)} "
+                f"ascending, stopping at the first λ where some other task falls below "
+                f"{CONTROL_RATIO:.0%} of the base's validation accuracy; the last λ that passed "
+                "is scored on test. 'target' uses the task's own expert head."
+            ),
+            **negated,
+        }
+    return extra
