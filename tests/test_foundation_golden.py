@@ -502,3 +502,66 @@ def test_cli_info_other_layouts(bert: Family, layout: str, files: int) -> None:
     assert f"tensors:    {len(bert.base_sd)} in {files} file(s)" in res.stdout
     assert f"parameters: {sum(v.numel() for v in bert.base_sd.values()):,}" in res.stdout
     assert ": model" in res.stdout.splitlines()[0]
+
+
+# --------------------------------------------------------------------------------------------
+# slices
+# --------------------------------------------------------------------------------------------
+
+
+def test_passthrough_slices_stack_layers(llama: Family, tmp_path: Path) -> None:
+    """Layers 0–1 of the base then layer 1 of a fine-tune: 3 layers; tensors before the layers
+    (embeddings) come from the first slice, those after (final norm, head) from the last."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(llama.base), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(llama.fts[0]), "layer_range": [1, 2]}]},
+        ],
+    }
+    res = run_cli("merge", write_config(tmp_path / "c.yml", cfg), tmp_path / "out", "--no-progress")
+    assert res.exit_code == 0, res.stderr
+    out = load_folder(tmp_path / "out")
+    ft = llama.ft_sds[0]
+    want = {k: v for k, v in llama.base_sd.items() if k.startswith("model.layers.")}
+    want |= {k.replace("layers.1.", "layers.2."): ft[k] for k in ft if "layers.1." in k}
+    want |= {"model.embed_tokens.weight": llama.base_sd["model.embed_tokens.weight"]}
+    want |= {k: ft[k] for k in ("model.norm.weight", "lm_head.weight")}
+    assert set(out) == set(want)
+    for k, v in want.items():
+        assert torch.equal(out[k], v), k
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 1, 4, 1, 5]])).logits
+    assert logits.shape == (1, 5, 64) and torch.isfinite(logits).all()
+
+
+def test_task_arithmetic_over_slices(llama: Family, tmp_path: Path) -> None:
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llama.base),
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(llama.base), "layer_range": [0, 2]},
+                    {
+                        "model": str(llama.fts[0]),
+                        "layer_range": [0, 2],
+                        "parameters": {"weight": WEIGHTS[0]},
+                    },
+                    {
+                        "model": str(llama.fts[1]),
+                        "layer_range": [0, 2],
+                        "parameters": {"weight": WEIGHTS[1]},
+                    },
+                ]
+            }
+        ],
+        "parameters": {"lambda": LAMBDA},
+    }
+    tv.merge(cfg, tmp_path / "out", progress=False)
+    ref, bound = expected_task_arithmetic(llama, WEIGHTS[:2], LAMBDA)
+    check(load_folder(tmp_path / "out"), ref, bound)
