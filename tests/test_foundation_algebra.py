@@ -278,3 +278,13 @@ def test_zero_size_tensor_is_kept(tmp_path: Path) -> None:
 
 def test_zero_size_vector_is_kept(tmp_path: Path) -> None:
     _merge_both_ways(tmp_path, {"layers.0.empty": torch.zeros(0)})
+
+
+def test_legacy_pickle_format_is_read(bert: Family, tmp_path: Path) -> None:
+    """``torch.save(..., _use_new_zipfile_serialization=False)`` files (older hub checkpoints)
+    cannot be memory-mapped, but must still be readable."""
+    legacy = tmp_path / "legacy.bin"
+    torch.save(bert.ft_sds[0], legacy, _use_new_zipfile_serialization=False)
+    tau = tv.load(legacy) - tv.load(bert.extra["pt-base"])
+    for k, b in bert.base_sd.items():
+        assert torch.equal(tau.tensor(k), bert.ft_sds[0][k] - b), k

@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,12 +163,17 @@ class SafetensorsFile:
 
 
 class PickleFile:
-    """A pickled state dict (``.bin``/``.pt``), memory-mapped by ``torch.load``."""
+    """A pickled state dict (``.bin``/``.pt``), memory-mapped by ``torch.load``.
+
+    Files in the legacy (pre-zip, torch < 1.6) format cannot be memory-mapped; they are loaded
+    whole, as nothing else can read them.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            mmap = zipfile.is_zipfile(path)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # torch raises many kinds for a bad archive
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
