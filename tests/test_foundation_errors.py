@@ -166,6 +166,14 @@ def test_malformed_yaml(tmp_path: Path, no_leftovers: Check) -> None:
     no_leftovers(tmp_path / "out")
 
 
+def test_binary_file_as_config(bert: Family, tmp_path: Path, no_leftovers: Check) -> None:
+    """A weight file passed where the config goes."""
+    shard = sorted(bert.base.glob("*.safetensors"))[0]
+    res = run_cli("merge", shard, tmp_path / "out", "--no-progress")
+    one_error_line(res, str(shard), "not a text file")
+    no_leftovers(tmp_path / "out")
+
+
 def test_config_not_a_mapping(tmp_path: Path, no_leftovers: Check) -> None:
     cfg = write_config(tmp_path / "c.yml", "- just\n- a list\n")
     res = run_cli("merge", cfg, tmp_path / "out", "--no-progress")

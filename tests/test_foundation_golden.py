@@ -565,3 +565,28 @@ def test_task_arithmetic_over_slices(llama: Family, tmp_path: Path) -> None:
     tv.merge(cfg, tmp_path / "out", progress=False)
     ref, bound = expected_task_arithmetic(llama, WEIGHTS[:2], LAMBDA)
     check(load_folder(tmp_path / "out"), ref, bound)
+
+
+def test_mergekit_yaml_with_empty_parameters(bert: Family, tmp_path: Path) -> None:
+    """mergekit configs often list the base with ``parameters:`` left empty (null)."""
+    text = f"""\
+merge_method: task_arithmetic
+base_model: {bert.base}
+models:
+  - model: {bert.base}
+    parameters:
+  - model: {bert.fts[0]}
+    parameters:
+      weight: 0.7
+  - model: {bert.fts[1]}
+    parameters:
+      weight: -0.3
+parameters:
+  lambda: {LAMBDA}
+dtype: float32
+"""
+    (tmp_path / "c.yml").write_text(text)
+    res = run_cli("merge", tmp_path / "c.yml", tmp_path / "out", "--no-progress")
+    assert res.exit_code == 0, res.stderr
+    ref, bound = expected_task_arithmetic(bert, [0.7, -0.3], LAMBDA)
+    check(load_folder(tmp_path / "out"), ref, bound)

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from taskvec.errors import ConfigError
 
@@ -37,19 +44,21 @@ class FilterValue(BaseModel):
 
 ParameterValue = Union[Scalar, list[float], list[FilterValue]]  # noqa: UP007
 Parameters = dict[str, ParameterValue]
+# ``parameters:`` left empty in YAML is null; mergekit reads it as no parameters
+ParametersField = Annotated[Parameters, BeforeValidator(lambda v: {} if v is None else v)]
 
 
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    parameters: Parameters = {}
+    parameters: ParametersField = {}
 
 
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     layer_range: tuple[int, int]
-    parameters: Parameters = {}
+    parameters: ParametersField = {}
 
     @field_validator("layer_range")
     @classmethod
@@ -63,7 +72,7 @@ class OutputSlice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
     base_model: str | None = None
-    parameters: Parameters = {}
+    parameters: ParametersField = {}
     residual_weight: float | None = None
 
     @model_validator(mode="after")
@@ -84,7 +93,7 @@ class MergeConfig(BaseModel):
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
-    parameters: Parameters = {}
+    parameters: ParametersField = {}
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
@@ -123,7 +132,9 @@ def parse_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a merge config is YAML)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
