@@ -544,3 +544,18 @@ def test_interrupt_mid_merge_leaves_nothing(
     assert res.exit_code == 130
     assert res.stderr.strip() == "taskvec: interrupted; nothing was written"
     no_leftovers(tmp_path / "out")
+
+
+def test_checkpoint_without_tensors(bert: Family, tmp_path: Path, no_leftovers: Check) -> None:
+    """A state dict nested under another key, or an empty file, is refused instead of giving
+    an empty merge."""
+    nested = tmp_path / "nested.pt"
+    torch.save({"model": bert.base_sd}, nested)
+    cfg = ta(bert, [bert.extra["pt-ft0"]])
+    cfg["base_model"] = str(nested)
+    res = run_cli("merge", write_config(tmp_path / "c.yml", cfg), tmp_path / "out", "--no-progress")
+    one_error_line(res, str(nested), "no tensors", "keys: model")
+    no_leftovers(tmp_path / "out")
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    one_error_line(run_cli("info", empty), str(empty), "holds no tensors")

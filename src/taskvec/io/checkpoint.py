@@ -186,6 +186,9 @@ class PickleFile:
                 f"{path}: does not hold a state dict (found {type(obj).__name__})"
             )
         self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if obj and not self._tensors:
+            keys = ", ".join(str(k) for k in list(obj)[:5])
+            raise CheckpointError(f"{path}: no tensors at the top level of the dict (keys: {keys})")
         self._infos = {
             k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in self._tensors.items()
         }
@@ -226,6 +229,8 @@ class Checkpoint:
                     raise CheckpointError(f"{path}: tensor {name!r} appears in two files")
                 self._infos[name] = info
                 self._by_name[name] = tf
+        if not self._infos:
+            raise CheckpointError(f"{path}: holds no tensors")
 
     # --- header-level queries -------------------------------------------------------------
     @property
