@@ -35,7 +35,7 @@ import torch
 
 from taskvec.engine import Job, default_threads, execute, parallel_map, planned_tensors, row_chunks
 from taskvec.errors import CheckpointError, IncompatibleError
-from taskvec.io.checkpoint import Checkpoint, open_checkpoint
+from taskvec.io.checkpoint import Checkpoint, check_not_an_input, open_checkpoint
 from taskvec.io.dtypes import dtype_name, element_size, parse_dtype
 from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
 
@@ -175,6 +175,7 @@ class _Expr:
         jobs = self._jobs(want)
         n_threads = threads or default_threads()
         out = Path(path).expanduser().absolute()
+        check_not_an_input(out, self._leaves())
         check_output_path(out, overwrite)
         writer = CheckpointWriter(
             out,

@@ -20,14 +20,14 @@ import os
 import struct
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from taskvec.errors import CheckpointError
+from taskvec.errors import CheckpointError, OutputError
 from taskvec.io.dtypes import SAFETENSORS_CODES, element_size
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -252,6 +252,11 @@ class Checkpoint:
         return sum(i.nbytes for i in self._infos.values())
 
     @property
+    def files(self) -> list[Path]:
+        """The weight files this checkpoint reads."""
+        return [tf.path for tf in self._files]
+
+    @property
     def metadata(self) -> dict[str, str]:
         """The ``__metadata__`` of the first safetensors file (empty for pickles)."""
         return self._files[0].metadata() if self._files else {}
@@ -294,6 +299,19 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def check_not_an_input(out: str | os.PathLike[str], inputs: Iterable[Checkpoint]) -> None:
+    """Refuse an output path that is, or holds, an input: replacing it (``--overwrite``) would
+    delete the input before, or while, it is read."""
+    target = Path(out).expanduser().resolve()
+    for ckpt in inputs:
+        for p in (ckpt.path, *ckpt.files):
+            q = Path(p).expanduser().resolve()
+            if q == target or target in q.parents:
+                raise OutputError(
+                    f"{out}: the output would replace the input {ckpt.path}; choose another folder"
+                )
 
 
 def _index_files(index: Path) -> list[Path]:
