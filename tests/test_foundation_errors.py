@@ -612,3 +612,18 @@ def test_merge_overwrite_refuses_an_input_as_output(bert: Family, tmp_path: Path
         one_error_line(res, "would replace the input")
     finally:
         assert tree_digest(models) == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_nan_or_inf_anywhere_in_a_tensor(
+    bert: Family, tmp_path: Path, no_leftovers: Check, bad: float, threads: str
+) -> None:
+    name = "encoder.layer.1.output.dense.weight"
+    w = bert.ft_sds[0][name].clone()
+    w[-1, -1] = bad  # the very last element
+    odd = with_tensor(bert, tmp_path / "odd", name, w)
+    cfg = write_config(tmp_path / "c.yml", ta(bert, [bert.fts[1], odd]))
+    res = run_cli("merge", cfg, tmp_path / "out", "--threads", threads, "--no-progress")
+    one_error_line(res, repr(name), "1 NaN/Inf")
+    no_leftovers(tmp_path / "out")
