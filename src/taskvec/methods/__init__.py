@@ -13,7 +13,9 @@ from taskvec.methods import (  # noqa: F401
     pcb,
     ram,
     sce,
+    spectral,
     ties_family,
+    wudi,
 )
 from taskvec.methods.registry import REQUIRED, MergeMethod, all_methods, get_method, merge_method
 

@@ -1,0 +1,214 @@
+"""WUDI-Merging: golden tests against a numpy Adam on the loss as written, properties.
+
+``np_wudi`` transcribes the published procedure (shared/notes/methods.md §2.13): start from
+Σᵢ τᵢ and take full-batch Adam steps on L(τ_m) = Σᵢ ‖(τ_m − τᵢ) τᵢᵀ‖²_F / ‖τᵢ‖²_F, with the
+gradient of the loss as written (products (τ_m − τᵢ) τᵢᵀ, then times τᵢ). ``torch_reference``
+runs the reference code's loop shape (torch.optim.Adam and autograd on that loss).
+Neither shares code with ``taskvec.methods.wudi``, which optimises in Gram space.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taskvec.errors import ConfigError
+from taskvec.methods import get_method
+
+SETTINGS = settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: one intra-op thread is fastest, and steady on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # numpy's BLAS too, where available
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(before)
+
+
+def call(xs: np.ndarray, base: np.ndarray, tensor: str | None = None, **params: Any):
+    m = get_method("wudi")
+    g = {k: params.pop(k, v) for k, v in m.globals.items()}
+    assert not params, params
+    extra = {"name": tensor} if tensor is not None else {}
+    out = m.fn(
+        torch.tensor(xs, dtype=torch.float32), torch.tensor(base, dtype=torch.float32), **g, **extra
+    )
+    assert out.dtype == torch.float32 and tuple(out.shape) == base.shape
+    return out.double().numpy()
+
+
+def f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32).astype(np.float64)
+
+
+def problem(n: int, shape: tuple[int, int], seed: int, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    base = f32(rng.normal(size=shape))
+    rank = min(shape) // 2 + 1
+    taus = [
+        rng.normal(size=(shape[0], rank)) @ rng.normal(size=(rank, shape[1])) / rank
+        + 0.1 * rng.normal(size=shape)
+        for _ in range(n)
+    ]
+    return base, f32(base + scale * np.stack(taus))
+
+
+def np_loss(merged: np.ndarray, taus: np.ndarray) -> float:
+    return float(
+        sum(np.sum(((merged - tau) @ tau.T) ** 2) / np.sum(tau**2) for tau in taus if tau.any())
+    )
+
+
+def np_wudi(xs: np.ndarray, base: np.ndarray, steps: int = 300, lr: float = 1e-5) -> np.ndarray:
+    taus = xs - base
+    if base.ndim != 2:
+        return base + taus.mean(0)
+    x = taus.sum(0)
+    m = np.zeros_like(x)
+    v = np.zeros_like(x)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t in range(1, steps + 1):
+        g = sum(2 * ((x - tau) @ tau.T) @ tau / np.sum(tau**2) for tau in taus if tau.any())
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        x = x - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return base + x
+
+
+def torch_reference(xs: np.ndarray, base: np.ndarray, steps: int = 300) -> np.ndarray:
+    """The reference code's loop (float32, autograd, torch.optim.Adam), restated."""
+    tvs = torch.tensor(xs - base, dtype=torch.float32)
+    merged = torch.nn.Parameter(tvs.sum(0))
+    opt = torch.optim.Adam([merged], lr=1e-5, weight_decay=0)
+    norms = tvs.reshape(tvs.shape[0], -1).norm(dim=-1).square()
+    for _ in range(steps):
+        loss = (((merged[None] - tvs) @ tvs.mT).square() / norms[:, None, None]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return base + merged.detach().double().numpy()
+
+
+def close(got: np.ndarray, want: np.ndarray, atol: float = 1e-6) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol * max(1.0, np.abs(want).max()))
+
+
+# --------------------------------------------------------------------------------------------
+# golden
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(12, 9), (9, 12), (3, 20), (20, 3)],  # (3, 20): in > 2·T·out, the factored path
+)
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("steps", [1, 7, 300])
+def test_golden(shape: tuple[int, int], n: int, steps: int) -> None:
+    base, xs = problem(n, shape, seed=shape[0] * 10 + n)
+    close(call(xs, base, steps=steps), np_wudi(xs, base, steps))
+
+
+def test_golden_options() -> None:
+    base, xs = problem(3, (8, 6), seed=2, scale=0.01)
+    close(call(xs, base, steps=50, lr=3e-4), np_wudi(xs, base, 50, 3e-4))
+    close(call(xs, base, steps=0), base + (xs - base).sum(0))
+    close(call(xs, base, steps=300.0), np_wudi(xs, base))  # config numbers arrive as floats
+
+
+def test_matches_the_reference_loop_in_float32() -> None:
+    """A float32 matrix above SMALL_NUMEL, against the reference's autograd + Adam loop."""
+    base, xs = problem(3, (300, 240), seed=4, scale=0.01)
+    got = call(xs, base, steps=25)
+    want = torch_reference(xs, base, steps=25)
+    moved = np.abs(want - (base + (xs - base).sum(0))).max()
+    assert moved > 1e-4
+    assert np.abs(got - want).max() < 0.02 * moved
+
+
+def test_vectors_and_embeddings_take_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    base = f32(rng.normal(size=6))
+    xs = f32(base + rng.normal(size=(3, 6)))
+    close(call(xs, base), base + (xs - base).mean(0))
+    base2, xs2 = problem(3, (7, 5), seed=3)
+    close(call(xs2, base2, "bert.embeddings.word_embeddings.weight"), base2 + (xs2 - base2).mean(0))
+    close(call(xs2, base2, "encoder.layer.0.output.dense.weight"), np_wudi(xs2, base2))
+
+
+def test_bad_options_are_config_errors() -> None:
+    base, xs = problem(2, (4, 3), seed=0)
+    with pytest.raises(ConfigError, match="steps"):
+        call(xs, base, steps=2.5)
+    with pytest.raises(ConfigError, match="steps"):
+        call(xs[:, 0], base[0], steps=-1)
+    with pytest.raises(ConfigError, match="lr"):
+        call(xs, base, lr=float("nan"))
+
+
+def test_models_equal_to_the_base_are_left_out_of_the_loss() -> None:
+    base, xs = problem(2, (6, 5), seed=9)
+    with_base = np.concatenate([xs, base[None]])
+    close(call(with_base, base), np_wudi(xs, base))
+    np.testing.assert_array_equal(call(np.repeat(base[None], 2, 0), base), base)
+
+
+# --------------------------------------------------------------------------------------------
+# properties
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def matrices(draw, n_min: int = 1, n_max: int = 4):
+    n = draw(st.integers(n_min, n_max))
+    shape = (draw(st.integers(2, 10)), draw(st.integers(2, 10)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.05, 1.0, 20.0]))
+    return problem(n, shape, seed, scale)
+
+
+@SETTINGS
+@given(data=matrices(n_min=1, n_max=1))
+def test_one_model_is_itself(data) -> None:
+    base, xs = data
+    close(call(xs, base), xs[0])
+
+
+@SETTINGS
+@given(data=matrices(n_min=2), perm_seed=st.integers(0, 1000))
+def test_permutation_invariance(data, perm_seed: int) -> None:
+    base, xs = data
+    perm = np.random.default_rng(perm_seed).permutation(xs.shape[0])
+    close(call(xs[perm], base, steps=40), call(xs, base, steps=40), atol=1e-6)
+
+
+@SETTINGS
+@given(data=matrices(n_min=2))
+def test_loss_decreases_monotonically_from_task_arithmetic(data) -> None:
+    """From the TA sum, every Adam step lowers the loss (the optimum is farther than the
+    ≤ steps·lr per-entry path; task vector scales ≥ 0.05 here)."""
+    base, xs = data
+    taus = xs - base
+    losses = [np_loss(call(xs, base, steps=s) - base, taus) for s in (0, 1, 2, 5, 10, 20, 40)]
+    assert losses[-1] < losses[0]
+    for before, after in zip(losses, losses[1:], strict=False):
+        assert after <= before * (1 + 1e-6)
