@@ -214,6 +214,9 @@ def test_merges_of_any_layout_are_bitwise_equal(bert: Family, tmp_path: Path, la
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    if layout == "bin":  # a save_pretrained folder: its side files come along
+        for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+            assert (tmp_path / "out" / name).is_file(), name
     # and through the API, with a task vector of mixed layouts
     base = tv.load(bert.extra[f"{layout}-base"])
     tau = tv.load(bert.extra[f"{layout}-ft0"]) - base

@@ -97,7 +97,9 @@ def scratch() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory()
 
 
-def ta_config(m: Models, weights: list[float], lam: float, order: list[int] | None = None) -> dict:
+def ta_config(
+    m: Models, weights: list[float], lam: float, order: list[int] | None = None
+) -> dict[str, Any]:
     order = order if order is not None else list(range(len(m.fts)))
     return {
         "merge_method": "task_arithmetic",
@@ -107,7 +109,9 @@ def ta_config(m: Models, weights: list[float], lam: float, order: list[int] | No
     }
 
 
-def linear_config(m: Models, weights: list[float], order: list[int] | None = None) -> dict:
+def linear_config(
+    m: Models, weights: list[float], order: list[int] | None = None
+) -> dict[str, Any]:
     order = order if order is not None else list(range(len(m.fts)))
     return {
         "merge_method": "linear",
@@ -115,7 +119,7 @@ def linear_config(m: Models, weights: list[float], order: list[int] | None = Non
     }
 
 
-def merged(cfg: dict, out: Path, **kw: Any) -> StateDict:
+def merged(cfg: dict[str, Any], out: Path, **kw: Any) -> StateDict:
     tv.merge(cfg, out, progress=False, **kw)
     return load_folder(out)
 
