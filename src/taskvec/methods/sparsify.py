@@ -67,23 +67,70 @@ class Window:
         return mask
 
 
-def rank_window(magnitude: torch.Tensor, start: int, stop: int) -> Window:
-    """The :class:`Window` of ranks ``[start, stop)`` of a non-negative tensor."""
-    flat = magnitude.reshape(-1)
+_MAGNITUDE_BINS = 1 << 15
+_SCAN = 1 << 22  # entries per step of a scan: temporaries stay small whatever the tensor
+
+
+def _magnitude_keys(chunk: torch.Tensor) -> torch.Tensor:
+    """15-bit keys ordered like |x|: the upper bits of |x| as a float32, sign cleared."""
+    bits = chunk.to(torch.float32).view(torch.int32)
+    return bits.bitwise_and(0x7FFFFFFF).bitwise_right_shift_(16)
+
+
+def rank_window(delta: torch.Tensor, start: int, stop: int) -> Window:
+    """The :class:`Window` of magnitude ranks ``[start, stop)`` of ``delta``.
+
+    Radix select in bounded memory: one scan builds a histogram of magnitude keys, which
+    locates the bins holding ranks ``start`` and ``stop − 1``; a second scan collects those
+    bins' entries (zeros excepted: which zeros are kept changes nothing), ranked exactly
+    inside the bin by magnitude, then position.
+    """
+    flat = delta.reshape(-1)
     n = flat.numel()
     start, stop = max(0, start), min(n, stop)
     nothing = torch.zeros(0, dtype=torch.long)
     if start >= stop:
         return Window(math.inf, -math.inf, nothing)
-    lo = kth_largest(flat, stop, nonnegative=True) if stop < n else 0.0
-    hi = kth_largest(flat, start + 1, nonnegative=True) if start > 0 else math.inf
-    drops = [nothing]
-    for v in {lo, hi} - {0.0, math.inf}:  # ties at 0 carry no weight whichever are kept
-        ties = torch.nonzero(flat == v).squeeze(1)
-        first = int((flat > v).sum())  # rank of the first tied entry
-        ranks = torch.arange(first, first + ties.numel())
-        drops.append(ties[(ranks < start) | (ranks >= stop)])
-    return Window(lo, hi, torch.cat(drops))
+    if start == 0 and stop == n:
+        return Window(0.0, math.inf, nothing)
+    counts = torch.zeros(_MAGNITUDE_BINS, dtype=torch.long)
+    for chunk in flat.split(_SCAN):
+        counts += torch.bincount(_magnitude_keys(chunk), minlength=_MAGNITUDE_BINS)
+    above = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])
+
+    def bin_of(rank: int) -> int:  # the bin holding the entry of this rank (0 = largest)
+        return int(torch.nonzero(above[:-1] > rank).max())
+
+    bins = {bin_of(r) for r in (start, stop - 1)}
+    positions, values = [], []
+    for offset, chunk in zip(range(0, n, _SCAN), flat.split(_SCAN), strict=True):
+        keys = _magnitude_keys(chunk)
+        hit = (keys == min(bins)) | (keys == max(bins))
+        hit &= chunk != 0
+        where = torch.nonzero(hit).squeeze(1)
+        positions.append(where + offset)
+        values.append(chunk[where].abs())
+    pos, val = torch.cat(positions), torch.cat(values)
+    ranked = torch.sort(val, descending=True, stable=True)  # equal values keep position order
+    val, pos = ranked.values, pos[ranked.indices]
+    # entries in a higher bin come first; the collected bins are ranked from there on
+    first = int(above[max(bins) + 1])
+    ranks = torch.arange(first, first + val.numel())
+    if len(bins) == 2:  # the lower bin's entries rank after everything above that bin
+        low = int((_magnitude_keys(val) > min(bins)).sum())
+        ranks[low:] += int(above[min(bins) + 1]) - (first + low)
+
+    def value_at(rank: int) -> float:
+        at = torch.nonzero(ranks == rank)
+        return float(val[at[0, 0]]) if at.numel() else 0.0  # not collected: a zero
+
+    lo = value_at(stop - 1) if stop < n else 0.0
+    hi = value_at(start) if start > 0 else math.inf
+    if hi == 0.0:  # every entry of the window is zero
+        return Window(math.inf, -math.inf, nothing)
+    outside = (ranks < start) | (ranks >= stop)
+    drop = pos[outside & (val >= lo) & (val <= hi)]
+    return Window(lo, hi, drop)
 
 
 def topk_mask(values: torch.Tensor, k: int, nonnegative: bool = False) -> torch.Tensor:
@@ -133,16 +180,12 @@ def _rescale(
 ) -> torch.Tensor:
     """Rescale the survivors: ``l1`` matches the original L1 norm (mergekit),
     ``expectation`` divides by the keep probability (the DARE/DELLA papers)."""
-    if mode is None:
-        return kept
+    _check_mode(mode)
     if mode == "l1":
-        before, after = float(delta.abs().sum()), float(kept.abs().sum())
-        if before < 1e-7 or after < 1e-7:
-            return kept
-        return kept * (before / after)
+        return _match_l1(kept, _l1(delta))
     if mode == "expectation":
-        return kept / keep_prob
-    raise ConfigError(f"rescale must be true, false, 'l1' or 'expectation', got {mode!r}")
+        return kept.div_(keep_prob)
+    return kept
 
 
 def rescale_mode(rescale: bool | str) -> str | None:
@@ -165,14 +208,14 @@ def magnitude_window(delta: torch.Tensor, density: float) -> Window:
     if density >= 1:
         return Window(0.0, math.inf, torch.zeros(0, dtype=torch.long))
     k = max(1, int(density * delta.numel())) if density > 0 else 0
-    return rank_window(delta.abs(), 0, k)
+    return rank_window(delta, 0, k)
 
 
 def outlier_window(delta: torch.Tensor, density: float, gamma: float) -> Window:
     """The :class:`Window` :func:`outliers` keeps."""
     if density >= 1:
         return Window(0.0, math.inf, torch.zeros(0, dtype=torch.long))
-    return rank_window(delta.abs(), *_outlier_ranks(delta.numel(), density, gamma))
+    return rank_window(delta, *_outlier_ranks(delta.numel(), density, gamma))
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -> torch.Tensor:
@@ -183,16 +226,41 @@ def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None) -
     return _rescale(delta, kept, density, rescale)
 
 
+def _l1(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, ord=1))
+
+
+def _match_l1(kept: torch.Tensor, before: float) -> torch.Tensor:
+    """Scale ``kept`` in place so its L1 norm is ``before`` (mergekit's rescale)."""
+    after = _l1(kept)
+    if before >= 1e-7 and after >= 1e-7:
+        kept.mul_(before / after)
+    return kept
+
+
+def _check_mode(mode: str | None) -> None:
+    if mode not in (None, *RESCALE_MODES):
+        raise ConfigError(f"rescale must be true, false, 'l1' or 'expectation', got {mode!r}")
+
+
 def random_drop(
     delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator
 ) -> torch.Tensor:
-    """Keep each entry independently with probability ``density`` (DARE)."""
+    """Keep each entry independently with probability ``density`` (DARE).
+
+    Works in place on ``delta`` (contiguous), drawing the uniforms in fixed-size steps so
+    no temporary is as large as the tensor."""
+    _check_mode(rescale)
     if density >= 1:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator) < density
-    return _rescale(delta, delta * keep, density, rescale)
+        return delta.zero_()
+    before = _l1(delta) if rescale == "l1" else 0.0
+    for chunk in delta.view(-1).split(_SCAN):
+        chunk.mul_(torch.rand(chunk.shape, generator=generator) < density)
+    if rescale == "expectation":
+        return delta.div_(density)
+    return _match_l1(delta, before) if rescale == "l1" else delta
 
 
 def outliers(
@@ -226,18 +294,25 @@ def della_magprune(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """DELLA MagPrune: keep probability rises linearly with the magnitude rank within each row,
-    from density − ε (smallest) to density + ε (largest), then a Bernoulli draw."""
+    from density − ε (smallest) to density + ε (largest), then a Bernoulli draw.
+
+    Works in place on ``delta`` (contiguous), a block of rows at a time."""
+    _check_mode(rescale)
     if density >= 1:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     if not (density - epsilon > 0 and density + epsilon < 1):
         raise ConfigError(
             f"della needs 0 < density - epsilon and density + epsilon < 1 "
             f"(density {density:g}, epsilon {epsilon:g})"
         )
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    prob = (density - epsilon) + 2 * epsilon * row_rank_fraction(rows.abs())
-    keep = torch.rand(rows.shape, generator=generator) < prob
-    kept = (rows * keep).reshape(delta.shape)
-    return _rescale(delta, kept, prob.reshape(delta.shape), rescale)
+    before = _l1(delta) if rescale == "l1" else 0.0
+    rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
+    step = max(1, _SCAN // rows.shape[1])
+    for block in rows.split(step):
+        prob = row_rank_fraction(block.abs()).mul_(2 * epsilon).add_(density - epsilon)
+        block.mul_(torch.rand(block.shape, generator=generator) < prob)
+        if rescale == "expectation":
+            block.div_(prob)
+    return _match_l1(delta, before) if rescale == "l1" else delta

@@ -24,7 +24,6 @@ import torch
 
 from taskvec.errors import ConfigError
 from taskvec.methods import sparsify as sp
-from taskvec.methods.linear import weighted_sum
 from taskvec.methods.registry import REQUIRED, WholeModelPass, merge_method
 
 
@@ -50,10 +49,11 @@ def combine(
 ) -> torch.Tensor:
     """θ₀ + λ · (Σ masked weighted deltas) / (normalizer), as in the module docstring.
 
-    ``deltas`` is overwritten. ``windows`` (one per model) first zeroes the entries outside
-    each model's magnitude-rank window. With consensus, the entries agreeing with the
-    elected sign are summed as Σ max(δᵢ, 0) where the sign is + and Σ min(δᵢ, 0) where it is −,
-    which equals Σ mᵢδᵢ without materialising the masks. The work runs in cache-sized blocks.
+    ``deltas`` and ``base`` are overwritten (the result is ``base``). ``windows`` (one per
+    model) first zeroes the entries outside each model's magnitude-rank window. With
+    consensus, the entries agreeing with the elected sign are summed as Σ max(δᵢ, 0) where the
+    sign is + and Σ min(δᵢ, 0) where it is −, which equals Σ mᵢδᵢ without materialising the
+    masks. The work runs in cache-sized blocks.
     """
     w = weight.to(deltas.dtype)
     flat = deltas.reshape(deltas.shape[0], -1)
@@ -66,13 +66,13 @@ def combine(
             block = flat[:, start : start + BLOCK]
             a = block.abs()
             block.mul_((a >= lo) & (a <= hi))
-    if not consensus:
-        mixed = weighted_sum(deltas, w)
+    if not consensus:  # accumulate straight into base: no temporary of the tensor's size
         total = float(w.sum())
-        if normalize and abs(total) >= 1e-8:
-            mixed /= total
-        return base.add(mixed, alpha=scale)
-    out = base.clone().reshape(-1)
+        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+        for delta, wi in zip(deltas, w.tolist(), strict=True):
+            base.add_(delta, alpha=scale * wi / divisor)
+        return base
+    out = base.reshape(-1)  # the call's own buffer: the result is built in place
     for start in range(0, out.numel(), BLOCK):
         block = flat[:, start : start + BLOCK]
         out[start : start + BLOCK].add_(
