@@ -10,8 +10,8 @@ A merge method is a small pure function over the stacked tensors of one paramete
   is not among them unless the config lists it under ``models``, or the method has no base
   role (``base="unused"``): then, as in mergekit, a ``base_model`` that ``models`` does not
   list is the last input;
-  ``tensors`` is the call's own buffer: a method may overwrite it (``tensors.sub_(base)``)
-  to save a copy of the largest thing in memory;
+  ``tensors`` and ``base`` are the call's own buffers: a method may overwrite them
+  (``tensors.sub_(base)``) to save copies of the largest things in memory;
 * ``base``: the base model's tensor (``*shape``), or ``None`` when the method uses no base;
 * per-model parameters arrive as float64 tensors of shape ``(N,)`` (so ⌊density·n⌋ uses the
   config's exact value), global ones as Python scalars;
