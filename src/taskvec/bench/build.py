@@ -214,6 +214,8 @@ def build_benchmark(
     )
     path = root / "bench" / f"{config.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(built.manifest(), indent=2) + "\n")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(built.manifest(), indent=2) + "\n")
+    os.replace(tmp, path)
     echo(f"built {len(kept)} experts in {seconds['total']:.0f} s; manifest {path}")
     return built

@@ -189,7 +189,7 @@ def _fmt(params: Mapping[str, Any], grid: Mapping[str, Any]) -> str:
 
 # --- negation ----------------------------------------------------------------------------------
 
-NEGATION_LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+NEGATION_LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
 CONTROL_RATIO = 0.95
 
 
