@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test lint bench-perf clean
+.PHONY: setup demo test parity lint bench-perf clean
 
 setup: $(VENV)/.done
 
@@ -22,6 +22,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Parity with mergekit 0.1.5 itself (tests/test_mergekit_parity.py; `make test` skips it when
+# MERGEKIT_YAML is unset and no mergekit-yaml is on PATH). mergekit is a test-only dependency in
+# its own virtualenv, outside the repository; torch is pinned first there too.
+MK_VENV ?= /tmp/mk-venv
+MK_YAML := $(MK_VENV)/bin/mergekit-yaml
+
+$(MK_YAML):
+	$(PYTHON) -m venv $(MK_VENV)
+	$(MK_VENV)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
+	$(MK_VENV)/bin/python -m pip --disable-pip-version-check -q install mergekit==0.1.5
+
+parity: setup $(MK_YAML)
+	MERGEKIT_YAML=$(MK_YAML) $(PY) -m pytest tests/test_mergekit_parity.py -rxXs
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks

@@ -118,6 +118,42 @@ def _family(root: Path, prefix: str, dims: dict[str, int], seed: int) -> dict[st
     return paths
 
 
+ROBERTA = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "vocab_size": 40,
+    "max_position_embeddings": 24,
+    "num_labels": 3,
+}
+
+
+def _roberta_family(root: Path, seed: int) -> dict[str, Path]:
+    """base + 2 fine-tunes of a tiny RoBERTa classifier, where only the base file holds the
+    int64 buffer ``roberta.embeddings.position_ids`` (older checkpoints store it, transformers 5
+    no longer saves it): both tools must copy it from the base."""
+    from safetensors.torch import save_file
+
+    cfg = transformers.RobertaConfig(**ROBERTA)
+    torch.manual_seed(seed)
+    model = transformers.RobertaForSequenceClassification(cfg).float()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    paths = {"base": root / "r_base"}
+    model.save_pretrained(paths["base"])
+    sd = load_file(str(paths["base"] / "model.safetensors"))
+    sd["roberta.embeddings.position_ids"] = torch.arange(ROBERTA["max_position_embeddings"])[None]
+    save_file(sd, str(paths["base"] / "model.safetensors"), metadata={"format": "pt"})
+    g = torch.Generator().manual_seed(seed + 1)
+    for i in range(2):
+        model.load_state_dict(
+            {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        )
+        paths[f"ft{i}"] = root / f"r_ft{i}"
+        model.save_pretrained(paths[f"ft{i}"])
+    return paths
+
+
 # --------------------------------------------------------------------------------------------
 # cases: (name, config builder, family) — one YAML each
 # --------------------------------------------------------------------------------------------
@@ -443,26 +479,20 @@ def _small_cases(p: dict[str, Path]) -> dict[str, dict[str, Any]]:
     }
 
 
-BASE_AS_INPUT = (
-    "BUG (mergekit parity): mergekit 0.1.5 adds a base_model that `models` does not list as "
-    "one more input (plan.py normalize_config), so linear/karcher average it in; taskvec "
-    "(merge.py _Planner.slices, base='unused') drops it. linear's docstring documents "
-    "taskvec's choice, which silently changes a mergekit YAML's result"
-)
-KNOWN: dict[str, str] = {
-    "deep_single_layer_slice_gradient": (
-        "BUG (mergekit parity): in a slice of one layer mergekit 0.1.5 evaluates gradients at "
-        "t = 1 (plan.py plan_slice: `t = idx / (num_layers - 1) if num_layers > 1 else 1`), "
-        "taskvec at t = 0 (layout.py LayerLayout.relative_position returns 0.0 for length <= 1): "
-        "weight [0.7, 0.2] gives 0.2 in mergekit, 0.7 in taskvec"
-    ),
-    "linear_with_base_model": BASE_AS_INPUT,
-    "karcher_with_base_model": BASE_AS_INPUT,
-    "small_task_arithmetic_with_density": (
-        "BUG: taskvec rejects `density`/`rescale` for task_arithmetic, which mergekit 0.1.5 "
-        "accepts (GeneralizedTaskArithmeticMerge declares them for every variant)"
-    ),
-}
+def _buffer_cases(p: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """The experts lack the base's non-float buffer: taken from the base, not an error."""
+    return {
+        "roberta_ties_position_ids": _cfg(
+            "ties", p, [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.7}]
+        ),
+        # linear has no base role: the unlisted base_model is one more input, the only one
+        # with the buffer
+        "roberta_linear_position_ids": _cfg("linear", p, [None, None], top={"weight": 1.0}),
+    }
+
+
+# Known differences from mergekit 0.1.5, as {case: reason}: each is a strict xfail (none now).
+KNOWN: dict[str, str] = {}
 
 STATISTICAL = {
     "dare_linear": {"density": 0.5},
@@ -481,6 +511,38 @@ def _stat_cases(p: dict[str, Path]) -> dict[str, dict[str, Any]]:
             out[f"stat_{method}_expectation"] = _cfg(
                 method, p, params, top={"rescale": "expectation"}
             )
+    return out
+
+
+BIG = {  # statistical parity: 196 608-entry MLP matrices (rows of 256 and 768 entries)
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+}
+BIG_DENSITY, BIG_EPSILON = 0.4, 0.2
+BIG_WEIGHTS = (1.0, 0.6, 0.3)
+BIG_SEEDS = (1234, 1, 2, 3, 4, 5, 6, 7)  # taskvec's seed-to-seed spread of each statistic
+
+
+def _big_params(method: str, weight: float) -> dict[str, float]:
+    prm = {"weight": weight, "density": BIG_DENSITY}
+    if method.startswith("della"):
+        prm["epsilon"] = BIG_EPSILON
+    return prm
+
+
+def _big_stat_cases(p: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Per random method: one expert (its mask and rescale factor can be read back from the
+    output) and three experts (the merged Δ)."""
+    out = {}
+    for method in STATISTICAL:
+        out[f"stat_big_{method}_one"] = _cfg(method, p, [_big_params(method, 1.0)])
+        out[f"stat_big_{method}_three"] = _cfg(
+            method, p, [_big_params(method, w) for w in BIG_WEIGHTS]
+        )
     return out
 
 
@@ -547,7 +609,16 @@ def parity(tmp_path_factory) -> dict[str, Any]:
     wide = _family(root, "w_", WIDE, seed=0)
     deep = _family(root, "d_", DEEP, seed=20)
     small = _family(root, "s_", SMALL, seed=10)
-    cases = {**_cases(wide), **_deep_cases(deep), **_small_cases(small), **_stat_cases(wide)}
+    big = _family(root, "b_", BIG, seed=30)
+    roberta = _roberta_family(root, seed=40)
+    cases = {
+        **_cases(wide),
+        **_deep_cases(deep),
+        **_small_cases(small),
+        **_buffer_cases(roberta),
+        **_stat_cases(wide),
+        **_big_stat_cases(big),
+    }
     jobs, info = [], {}
     for name, cfg in cases.items():
         path = root / f"{name}.yml"
@@ -561,12 +632,12 @@ def parity(tmp_path_factory) -> dict[str, Any]:
     status = _run_mergekit(jobs)
     for name in info:
         info[name]["status"] = status.get(str(info[name]["mk"]), "not run")
-    return {"root": root, "cases": info, "wide": wide}
+    return {"root": root, "cases": info, "wide": wide, "big": big}
 
 
 def _taskvec(parity: dict[str, Any], name: str, seed: int | None = None) -> Path:
     case = parity["cases"][name]
-    out = parity["root"] / f"tv_{name}"
+    out = parity["root"] / (f"tv_{name}" if seed is None else f"tv_{name}_s{seed}")
     if not out.exists():
         tv_merge(case["yaml"], out, random_seed=seed, progress=False)
     return out
@@ -619,6 +690,8 @@ DETERMINISTIC = [
     "deep_passthrough_slices",
     "deep_task_arithmetic_slices",
     "deep_single_layer_slice_gradient",
+    "roberta_ties_position_ids",
+    "roberta_linear_position_ids",
 ]
 
 
@@ -769,3 +842,190 @@ def test_random_methods_are_reproducible_and_seed_dependent(parity) -> None:
     b, c = _load(again), _load(other)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------
+# DARE / DELLA on larger tensors: the sampling distributions agree
+# --------------------------------------------------------------------------------------------
+# Notation: for expert i and entry j, pᵢⱼ is mergekit's keep probability: the density d for
+# DARE; d − ε + 2ε·rᵢⱼ/(n − 1) for DELLA, rᵢⱼ the 0-based rank of |τᵢⱼ| in its row of n
+# (a 1-D tensor is one row). Every task-vector method keeps a merged entry unchanged only if
+# every expert dropped it (the kept deltas that agree with the elected sign never cancel), so
+# P(Δⱼ ≠ 0) = 1 − Πᵢ (1 − pᵢⱼ·[τᵢⱼ ≠ 0]) for dare_linear, dare_ties, della and della_linear.
+# The count of changed entries of a row or tensor is then Poisson-binomial, with mean Σ P and
+# variance Σ P(1 − P), whatever the RNG.
+
+Z_MAX = 5.0  # a bound on |z| that an exact sampler breaks with probability < 1e-6
+SPREAD_MAX = 8.0  # mergekit vs taskvec's seed-to-seed spread (t with 7 dof: p ≈ 1e-4)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+
+
+def _keep_prob(tau: torch.Tensor, method: str) -> torch.Tensor:
+    """pᵢⱼ for one task vector (see above)."""
+    if not method.startswith("della"):
+        return torch.full(tau.shape, BIG_DENSITY, dtype=torch.float64)
+    rows = _rows(tau)
+    rank = rows.abs().argsort(dim=1).argsort(dim=1).double()
+    frac = rank / max(rows.shape[1] - 1, 1)
+    return ((BIG_DENSITY - BIG_EPSILON) + 2 * BIG_EPSILON * frac).reshape(tau.shape)
+
+
+def _big_inputs(parity: dict[str, Any], n: int):
+    base = {k: v.double() for k, v in _load(parity["big"]["base"]).items()}
+    fts = [_load(parity["big"][f"ft{i}"]) for i in range(n)]
+    taus = [{k: ft[k].double() - b for k, b in base.items()} for ft in fts]
+    return base, taus
+
+
+def _changed_counts(out: dict[str, torch.Tensor], base, taus, method: str):
+    """With P = P(Δⱼ ≠ 0) as above: per tensor (changed count, Σ P, Σ P(1 − P), changes where
+    P = 0); the per-row z-scores of all tensors; and (count, Σ P, Σ P(1 − P)) pooled over the
+    entries whose P is below / at least the median P of their tensor (DELLA's rank
+    dependence: a sampler that ignored the ranks would keep too many small entries)."""
+    per_tensor, row_z = {}, []
+    halves = {"low": [0.0, 0.0, 0.0], "high": [0.0, 0.0, 0.0]}
+    for k, b in base.items():
+        dropped = torch.ones_like(b)
+        for tau in taus:
+            dropped *= 1 - _keep_prob(tau[k], method) * (tau[k] != 0)
+        prob = _rows(1 - dropped)
+        changed = _rows(out[k].double() != b).double()
+        mean, var = prob.sum(1), (prob * (1 - prob)).sum(1)
+        count = changed.sum(1)
+        impossible = int((changed * (prob == 0)).sum())
+        per_tensor[k] = (float(count.sum()), float(mean.sum()), float(var.sum()), impossible)
+        ok = var > 0
+        row_z.append((count[ok] - mean[ok]) / var[ok].sqrt())
+        if (prob > 0).any():
+            median = prob[prob > 0].median()
+            for half, sel in (("low", (prob > 0) & (prob < median)), ("high", prob >= median)):
+                ps = prob[sel]
+                for i, v in enumerate((changed[sel].sum(), ps.sum(), (ps * (1 - ps)).sum())):
+                    halves[half][i] += float(v)
+    return per_tensor, torch.cat(row_z), halves
+
+
+def _check_counts(tool: str, per_tensor, row_z: torch.Tensor, halves) -> list[str]:
+    problems = []
+    for k, (count, mean, var, impossible) in per_tensor.items():
+        z = (count - mean) / math.sqrt(var) if var > 0 else 0.0
+        if impossible or abs(z) > Z_MAX:
+            problems.append(
+                f"{tool} {k}: {count:.0f} entries changed, expected {mean:.1f} ± "
+                f"{math.sqrt(var):.1f} (z = {z:.1f}); {impossible} changed that no expert changed"
+            )
+    for half, (count, mean, var) in halves.items():
+        if var > 0 and abs(count - mean) > Z_MAX * math.sqrt(var):
+            problems.append(
+                f"{tool}: {count:.0f} changed among the {half}-probability entries, expected "
+                f"{mean:.1f} ± {math.sqrt(var):.1f}"
+            )
+    r = row_z.numel()
+    if abs(float(row_z.mean())) > Z_MAX / math.sqrt(r):  # rows share the expected mean
+        problems.append(f"{tool}: per-row kept counts are biased (mean z {row_z.mean():.3f})")
+    # and the binomial spread: Σ z² over R rows is χ²_R, mean 1 ± √(2/R)
+    if abs(float(row_z.square().mean()) - 1) > Z_MAX * math.sqrt(2 / r):
+        problems.append(
+            f"{tool}: per-row kept counts vary {float(row_z.square().mean()):.3f}× the "
+            f"binomial variance over {r} rows"
+        )
+    return problems
+
+
+@pytest.mark.parametrize("experts", ["one", "three"])
+@pytest.mark.parametrize("method", sorted(STATISTICAL))
+def test_random_method_kept_fraction_is_binomial(parity, method: str, experts: str) -> None:
+    """The kept (changed) fraction of every tensor, of every row and of the low- and
+    high-probability halves matches the keep probabilities, within binomial error, for
+    mergekit and for taskvec, and the two tools' per-tensor counts agree within the error of
+    their difference."""
+    name = f"stat_big_{method}_{experts}"
+    base, taus = _big_inputs(parity, 1 if experts == "one" else 3)
+    results = {
+        "mergekit": _changed_counts(_load(_mergekit(parity, name)), base, taus, method),
+        "taskvec": _changed_counts(_load(_taskvec(parity, name, seed=1234)), base, taus, method),
+    }
+    problems = [p for tool, r in results.items() for p in _check_counts(tool, *r)]
+    for k, (c_mk, _, var, _) in results["mergekit"][0].items():
+        c_tv = results["taskvec"][0][k][0]
+        if var > 0 and abs(c_mk - c_tv) > Z_MAX * math.sqrt(2 * var):
+            problems.append(
+                f"{k}: mergekit kept {c_mk:.0f}, taskvec {c_tv:.0f} (sd {var**0.5:.1f})"
+            )
+    assert not problems, "; ".join(problems[:8])
+
+
+def _rescale_factors(out: dict[str, torch.Tensor], base, tau) -> dict[str, tuple[float, ...]]:
+    """One expert, Δ = c·m⊙τ: per tensor, the least-squares c over the kept entries, the
+    worst residual |Δ − c·m⊙τ| in units of |θ₀| + |Δ|, the L1 ratio ‖τ‖₁/‖m⊙τ‖₁ of the same
+    mask, and E[‖m⊙τ‖₁] = Σ pⱼ|τⱼ| and Var = Σ pⱼ(1 − pⱼ)τⱼ² (for the error of c)."""
+    res = {}
+    for k, b in base.items():
+        d, t = out[k].double() - b, tau[k]
+        m = (d != 0) & (t != 0)
+        c = float((d * t)[m].sum() / t[m].square().sum())
+        resid = float(((d - c * m * t).abs() / (b.abs() + d.abs() + 1e-30)).max())
+        l1 = float(t.abs().sum() / (t * m).abs().sum())
+        res[k] = (c, resid, l1)
+    return res
+
+
+@pytest.mark.parametrize("method", sorted(STATISTICAL))
+def test_random_method_rescale_factor(parity, method: str) -> None:
+    """With one expert each tool's output is θ₀ + c·m⊙τ with one factor c per tensor equal to
+    ‖τ‖₁/‖m⊙τ‖₁ of its own mask m (mergekit's L1 rescale, ≈ 1/d), and the two tools' factors
+    agree within the sampling error of ‖m⊙τ‖₁ (delta method: sd(c) ≈ c·√Var/E)."""
+    name = f"stat_big_{method}_one"
+    base, (tau,) = _big_inputs(parity, 1)
+    mk = _rescale_factors(_load(_mergekit(parity, name)), base, tau)
+    tv = _rescale_factors(_load(_taskvec(parity, name, seed=1234)), base, tau)
+    problems = []
+    for k in base:
+        p = _keep_prob(tau[k], method) * (tau[k] != 0)
+        mean = float((p * tau[k].abs()).sum())
+        sd_c = tv[k][0] * math.sqrt(float((p * (1 - p) * tau[k].square()).sum())) / mean
+        for tool, (c, resid, l1) in (("mergekit", mk[k]), ("taskvec", tv[k])):
+            if resid > 1e-6 or abs(c - l1) > 1e-5 * l1:
+                problems.append(f"{tool} {k}: c {c:.6f}, L1 ratio {l1:.6f}, residual {resid:.1e}")
+        if abs(mk[k][0] - tv[k][0]) > Z_MAX * math.sqrt(2) * sd_c:
+            problems.append(f"{k}: rescale mergekit {mk[k][0]:.4f} vs taskvec {tv[k][0]:.4f}")
+    assert not problems, "; ".join(problems[:8])
+
+
+def _moments(out: dict[str, torch.Tensor], base, taus) -> dict[str, float]:
+    """Mean and standard deviation of the merged Δ (all tensors, and the largest one), and the
+    slope of Δ regressed on Σ wᵢτᵢ."""
+    ds = {k: out[k].double() - b for k, b in base.items()}
+    allv = torch.cat([d.reshape(-1) for d in ds.values()])
+    big = max(ds, key=lambda k: ds[k].numel())
+    ev = torch.cat(
+        [sum(w * tau[k] for w, tau in zip(BIG_WEIGHTS, taus, strict=True)).reshape(-1) for k in ds]
+    )
+    return {
+        "mean": float(allv.mean()),
+        "std": float(allv.std()),
+        f"mean {big}": float(ds[big].mean()),
+        f"std {big}": float(ds[big].std()),
+        "slope": float((allv * ev).sum() / ev.square().sum()),
+    }
+
+
+@pytest.mark.parametrize("method", sorted(STATISTICAL))
+def test_random_method_merged_delta_moments(parity, method: str) -> None:
+    """Three experts: the mean and standard deviation of mergekit's merged Δ (and its slope on
+    Σ wᵢτᵢ) lie within SPREAD_MAX standard deviations of taskvec's across seeds."""
+    name = f"stat_big_{method}_three"
+    base, taus = _big_inputs(parity, 3)
+    mk = _moments(_load(_mergekit(parity, name)), base, taus)
+    runs = [_moments(_load(_taskvec(parity, name, seed=s)), base, taus) for s in BIG_SEEDS]
+    problems = []
+    for key, value in mk.items():
+        xs = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        mu, sd = float(xs.mean()), float(xs.std())
+        bound = SPREAD_MAX * sd * math.sqrt(1 + 1 / len(runs)) + 1e-12 * abs(mu)
+        if abs(value - mu) > bound:
+            problems.append(f"{key}: mergekit {value:.6g}, taskvec {mu:.6g} ± {sd:.2g}")
+    assert not problems, "; ".join(problems)

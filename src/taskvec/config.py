@@ -6,7 +6,8 @@ values take three forms, exactly as in mergekit:
 
 * a scalar: ``weight: 0.5``;
 * a gradient: ``weight: [0, 0.5, 1]``, interpolated linearly at t = i / (n − 1) for layer i of a
-  slice of n layers (tensors outside the layers take the first value);
+  slice of n layers, t = 1 in a slice of one layer (tensors outside the layers take the first
+  value, t = 0);
 * a filter list: ``weight: [{filter: self_attn, value: 0.3}, {value: 0.7}]``: the first entry whose
   filter is a substring of the tensor name (or that has no filter, or ``*``) wins; its value may
   itself be a gradient.

@@ -51,7 +51,11 @@ class LayerLayout:
         return any(h in name for h in _EMBED_HINTS)
 
     def relative_position(self, layer: int | None, start: int, length: int) -> float:
-        """Gradient position t = i / (n − 1) of ``layer`` within a slice; 0 outside layers."""
-        if layer is None or length <= 1:
+        """Gradient position of ``layer`` within a slice of ``length`` layers starting at
+        ``start``: t = (layer − start) / (length − 1), and t = 1 in a one-layer slice (as in
+        mergekit, so a gradient there takes its last value); t = 0 outside the layers."""
+        if layer is None:
             return 0.0
+        if length <= 1:
+            return 1.0
         return (layer - start) / (length - 1)

@@ -177,6 +177,16 @@ class _Planner:
                 if im.model != base_ref
             ]
             base = _Source(base_ref, self.checkpoint(base_ref), 0, {}) if base_ref else None
+            listed = {im.model for im in cfg.models}
+            if m.base == "unused" and cfg.base_model and cfg.base_model not in listed:
+                # as mergekit does, a base_model missing from `models` becomes one more input
+                # (last, with only the top-level parameters) of a method without a base role
+                log.info(
+                    "%s has no base role: base_model %r is merged as one more input",
+                    m.name,
+                    cfg.base_model,
+                )
+                sources.append(_Source(cfg.base_model, self.checkpoint(cfg.base_model), 0, {}))
             ref = base.ckpt if base else sources[0].ckpt
             return [_Slice(sources, base, {}, layout_of(ref).num_layers)]
         out = []
@@ -346,7 +356,13 @@ def plan_merge(
     *,
     random_seed: int | None = None,
 ) -> MergePlan:
-    """Validate a merge and build its jobs from headers alone (no tensor data is read)."""
+    """Validate a merge and build its jobs from headers alone (no tensor data is read).
+
+    Inputs follow mergekit: a method without a base role (linear, karcher, passthrough) gets a
+    ``base_model`` that ``models`` does not list as its last input. A tensor that the base has
+    and the other inputs lack (e.g. a non-float buffer) is copied from the base (see
+    :func:`_donor`), with one log message for all such tensors.
+    """
     config_dir = Path(config).parent if isinstance(config, str | os.PathLike) else None
     cfg = parse_config(config)
     planner = _Planner(cfg, config_dir, random_seed)
@@ -371,7 +387,12 @@ def plan_merge(
                 f"got {len(sl.sources)}"
             )
     ref_slice = slices[0]
-    reference = ref_slice.base.ckpt if ref_slice.base else ref_slice.sources[0].ckpt
+    if ref_slice.base:
+        reference = ref_slice.base.ckpt
+    elif cfg.models is not None and cfg.base_model:
+        reference = planner.checkpoint(cfg.base_model)  # mergekit writes the base's config
+    else:
+        reference = ref_slice.sources[0].ckpt
     layout = layout_of(reference)
     out_dtype = parse_dtype(cfg.out_dtype or cfg.dtype)
 
@@ -407,12 +428,20 @@ def plan_merge(
     tasks: list[_TensorTask] = []
     context: dict[str, Any] = {}
     probed: dict[tuple[Any, ...], str | None] = {}
+    copied: list[tuple[str, TensorInfo]] = []
     for out_name, sl, layer, key in items:
         srcs = sl.sources + ([sl.base] if sl.base else [])
         if cfg.models is not None or layer is None:
             names = [(s.ckpt, key) for s in srcs]
         else:
             names = [(s.ckpt, layout_of(s.ckpt).name(s.start + layer, key)) for s in srcs]
+        donor = _donor(names, sl.base is not None)
+        if donor is not None:
+            info = names[donor][0].tensors[names[donor][1]]
+            dtype = (out_dtype or info.dtype) if info.is_float else info.dtype
+            jobs.append(_copy_job(out_name, names[donor], info, dtype))
+            copied.append((out_name, info))
+            continue
         infos = _infos(planner, srcs, names)
         if infos is None:
             continue
@@ -464,6 +493,15 @@ def plan_merge(
             )
             tasks.append(task)
 
+    if copied:
+        floats = [n for n, i in copied if i.is_float]
+        (log.warning if floats else log.info)(
+            "%d tensor(s) missing from some inputs copied from the %s: %s%s",
+            len(copied),
+            "base model" if any(sl.base for sl in slices) else "inputs that have them",
+            ", ".join(n for n, _ in copied[:5]),
+            f" (and {len(copied) - 5} more)" if len(copied) > 5 else "",
+        )
     out_config = reference.config
     if out_config is not None:
         out_config = dict(out_config)
@@ -506,13 +544,42 @@ def _infos(
     return infos
 
 
+def _donor(names: list[tuple[Checkpoint, str]], has_base: bool) -> int | None:
+    """Which input to copy a tensor from when some inputs lack it (``None``: all have it, or
+    the gap is an error for :func:`_infos` to report).
+
+    With a base (the last input), a tensor the base has is copied from it when every other
+    input lacks it, or when it is not floating point (a buffer such as ``position_ids``, which
+    transformers 5 no longer saves): mergekit likewise takes such a buffer from the base, and
+    merges only the inputs that have an optional weight (here: only the base). Without a
+    base, a non-float tensor is copied from the first input that has it, as mergekit copies
+    a buffer the inputs that have it agree on. A float tensor missing from some, but not all,
+    of the other inputs stays an error.
+    """
+    present = [tname in ckpt.tensors for ckpt, tname in names]
+    if all(present) or not any(present):
+        return None
+    if has_base:
+        ckpt, tname = names[-1]
+        if present[-1] and (not any(present[:-1]) or not ckpt.tensors[tname].is_float):
+            return len(names) - 1
+        return None
+    first = present.index(True)
+    ckpt, tname = names[first]
+    return None if ckpt.tensors[tname].is_float else first
+
+
 def _bind(task: _TensorTask, context: dict[str, Any]) -> Callable[[], torch.Tensor]:
     return lambda: task.run(context)
 
 
-def _copy_job(out_name: str, where: tuple[Checkpoint, str], info: TensorInfo) -> Job:
+def _copy_job(
+    out_name: str, where: tuple[Checkpoint, str], info: TensorInfo, dtype: torch.dtype | None = None
+) -> Job:
     ckpt, name = where
-    return Job(out_name, info.shape, info.dtype, info.nbytes, info.nbytes, lambda: ckpt.read(name))
+    return Job(
+        out_name, info.shape, dtype or info.dtype, info.nbytes, info.nbytes, lambda: ckpt.read(name)
+    )
 
 
 def _tokenizer_source(planner: _Planner, cfg: MergeConfig, reference: Checkpoint) -> Checkpoint:

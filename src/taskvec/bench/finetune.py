@@ -145,7 +145,6 @@ def _write_expert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp))
-    _add_missing_base_tensors(tmp, base)
     copy_tokenizer(base, tmp)
     head.save(
         tmp, train=dataclasses.asdict(settings), train_seconds=round(seconds, 1), base=str(base)
@@ -153,24 +152,6 @@ def _write_expert(
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-def _add_missing_base_tensors(folder: Path, base: Path) -> None:
-    """Give the expert every tensor the base file has (e.g. the ``position_ids`` buffer that
-    older checkpoints store and ``save_pretrained`` drops), so both have the same tensor set."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    files = sorted(base.glob("*.safetensors"))
-    if len(files) != 1 or not (folder / "model.safetensors").exists():
-        return
-    state = load_file(str(folder / "model.safetensors"))
-    with safe_open(str(files[0]), "pt") as f:
-        missing = [k for k in f.keys() if k not in state]  # noqa: SIM118 (safe_open, not a dict)
-        if not missing:
-            return
-        state.update({k: f.get_tensor(k) for k in missing})
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def build_expert(

@@ -138,7 +138,13 @@ def karcher(
     tensors: torch.Tensor, base: torch.Tensor | None, *, max_iter: float, tol: float
 ) -> torch.Tensor:
     """Riemannian (Karcher) mean of the directions xᵢ/‖xᵢ‖ on the unit sphere (equal weights),
-    by fixed-point iteration, rescaled by the mean norm."""
+    by fixed-point iteration, rescaled by the mean norm.
+
+    Over the K inputs with ‖xᵢ‖ > tol, uᵢ = xᵢ/‖xᵢ‖ and m₀ = normalize(Σ uᵢ/K); each step takes
+    T = Σᵢ (1/K)(θᵢ/sin θᵢ)(uᵢ − cos θᵢ · m), cos θᵢ = m·uᵢ, and m ← cos‖T‖ m + sin‖T‖ T/‖T‖,
+    until ‖T‖ < tol or max_iter steps; θ = m · Σᵢ‖xᵢ‖/N over all N inputs.
+    karcher has no base role: as in mergekit, a `base_model` that `models` does not list is one
+    more input xᵢ."""
     n = tensors.shape[0]
     if n == 1:
         return tensors[0]

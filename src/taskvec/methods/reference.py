@@ -8,7 +8,12 @@ from typing import Any
 
 from taskvec.methods.registry import REQUIRED, MergeMethod, all_methods
 
-_BASE = {"required": "required", "optional": "optional", "unused": "not used"}
+_BASE = {
+    "required": "required",
+    "optional": "optional",
+    "unused": "no base role (a `base_model` not listed under `models` is one more input, as in "
+    "mergekit)",
+}
 
 
 def _value(v: Any) -> str:
