@@ -192,11 +192,12 @@ def run_cmd(
     from taskvec.bench.sweeps import SWEEPS, available
 
     if list_:
-        have, _ = available()
-        for s in SWEEPS:
-            state = "" if s in have else "  (method not registered yet)"
+        have, missing = available()
+        for s in have:
             grid = ", ".join(f"{k} in {list(v)}" for k, v in s.grid.items()) or "no grid"
-            click.echo(f"{s.label:<18} {s.method:<18} {dict(s.parameters)}  {grid}{state}")
+            click.echo(f"{s.label:<18} {s.method:<18} {dict(s.parameters)}  {grid}")
+        for line in missing:
+            click.echo(f"cannot run: {line}")
         return
     sweeps = list(SWEEPS)
     if only:

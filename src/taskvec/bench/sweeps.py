@@ -76,6 +76,10 @@ SWEEPS: tuple[Sweep, ...] = (
     Sweep("magmax", "magmax", grid=_lam(0.5, 0.7, 1.0)),
     Sweep("pcb", "pcb", {"pcb_ratio": 0.1}, _lam(*SCALED)),
     Sweep("gram_schmidt", "gram_schmidt", grid=_lam(0.3, 0.5, 1.0)),
+    Sweep("tsv", "tsv", grid={"alpha": (0.3, 0.5, 1.0)}),
+    Sweep("iso_c", "iso_c", grid={"alpha": SCALED}),
+    Sweep("iso_cts", "iso_cts", {"common_space_fraction": 0.8}, {"alpha": SCALED}),
+    Sweep("wudi", "wudi", {"steps": 300, "lr": 1e-5}),
     Sweep("ram", "ram"),
     Sweep("ramplus_tl", "ramplus_tl"),
     Sweep("karcher", "karcher"),
@@ -84,11 +88,6 @@ SWEEPS: tuple[Sweep, ...] = (
     Sweep("dare_linear", "dare_linear", {"density": 0.3}, _lam(*UNSCALED)),
     Sweep("breadcrumbs_ties", "breadcrumbs_ties", BREADCRUMBS, _lam(*UNSCALED)),
     Sweep("della_linear", "della_linear", {"density": 0.4, "epsilon": 0.1}, _lam(*UNSCALED)),
-    # methods still landing: each becomes a row once the registry has it (see available())
-    Sweep("tsv", "tsv", grid=_lam(*SCALED)),
-    Sweep("iso_c", "iso_c", grid=_lam(*SCALED)),
-    Sweep("iso_cts", "iso_cts", grid=_lam(*SCALED)),
-    Sweep("wudi", "wudi", grid=_lam(*SCALED)),
 )
 """The merges of the full benchmark. Methods that take one or two models (slerp, nuslerp,
 nearswap, arcee_fusion, passthrough) have no row: the benchmark merges all its experts at once."""
