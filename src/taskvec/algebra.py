@@ -33,7 +33,15 @@ from typing import Any
 
 import torch
 
-from taskvec.engine import Job, default_threads, execute, parallel_map, planned_tensors, row_chunks
+from taskvec.engine import (
+    Job,
+    default_threads,
+    execute,
+    parallel_map,
+    planned_tensors,
+    row_chunks,
+    row_fraction,
+)
 from taskvec.errors import CheckpointError, IncompatibleError
 from taskvec.io.checkpoint import Checkpoint, check_not_an_input, open_checkpoint
 from taskvec.io.dtypes import dtype_name, element_size, parse_dtype
@@ -142,7 +150,7 @@ class _Expr:
                 list(row_chunks(spec.shape)) if floating and len(spec.shape) >= 2 else [None]
             )
             for rows in chunks:
-                part = (rows[1] - rows[0]) / spec.shape[0] if rows else 1.0
+                part = row_fraction(spec.shape, rows)
                 numel = int(math.prod(spec.shape) * part)
                 jobs.append(
                     Job(

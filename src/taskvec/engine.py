@@ -68,11 +68,18 @@ class Job:
 def row_chunks(shape: tuple[int, ...], max_elements: int | None = None) -> list[tuple[int, int]]:
     """Split the first axis so each chunk holds at most ``max_elements`` (default
     :data:`CHUNK_ELEMENTS`), with at least one row per chunk."""
-    if len(shape) < 2:
+    if len(shape) < 2 or shape[0] == 0:
         return [(0, shape[0] if shape else 1)]
     per_row = math.prod(shape[1:]) or 1
     step = max(1, (max_elements or CHUNK_ELEMENTS) // per_row)
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def row_fraction(shape: tuple[int, ...], rows: tuple[int, int] | None) -> float:
+    """The share of a tensor's elements in its rows ``[start, stop)`` (1 for all of it)."""
+    if rows is None or not shape or shape[0] == 0:
+        return 1.0
+    return (rows[1] - rows[0]) / shape[0]
 
 
 def planned_tensors(jobs: Sequence[Job]) -> list[PlannedTensor]:
@@ -145,7 +152,7 @@ def keep_freed_memory() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_ARENA_MAX, 1)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 28)
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     except (OSError, AttributeError):
         pass

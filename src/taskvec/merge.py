@@ -32,10 +32,11 @@ from taskvec.engine import (
     parallel_map,
     planned_tensors,
     row_chunks,
+    row_fraction,
     summarize,
 )
 from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
-from taskvec.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, open_checkpoint
 from taskvec.io.dtypes import dtype_name, parse_dtype
 from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
 from taskvec.layout import LayerLayout
@@ -85,6 +86,7 @@ class MergePlan:
     problems: list[str] = field(default_factory=list)
     tasks: list[_TensorTask] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
+    inputs: list[Checkpoint] = field(default_factory=list)
 
     @property
     def whole_model_pass(self) -> bool:
@@ -469,7 +471,7 @@ def plan_merge(
             else [None]
         )
         for rows in chunks:
-            part = (rows[1] - rows[0]) / ref_info.shape[0] if rows else 1.0
+            part = row_fraction(ref_info.shape, rows)
             task = _TensorTask(
                 method,
                 names[: len(sl.sources)],
@@ -524,6 +526,7 @@ def plan_merge(
         problems=planner.problems,
         tasks=tasks,
         context=context,
+        inputs=list(planner._open.values()),
     )
 
 
@@ -628,6 +631,7 @@ def merge(
     out_path = Path(out).expanduser().absolute()
     try:
         check_output_path(out_path, overwrite)
+        check_not_an_input(out_path, plan.inputs)
     except TaskvecError as e:
         plan.problems.append(str(e))
     if dry_run:
@@ -655,5 +659,5 @@ def merge(
         if plan.out_config is not None:
             writer.add_json("config.json", plan.out_config)
         writer.commit()
-    log.info("merged %s tensors into %s", len(plan.jobs), out_path)
+    log.info("merged %s tensors into %s", len(planned_tensors(plan.jobs)), out_path)
     return plan

@@ -163,7 +163,7 @@ class CheckpointWriter:
         shard_i, offset = self._where[name]
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            view = memoryview(data.view(torch.uint8).reshape(-1).numpy())
+            view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             if row_start:
                 offset += row_start * (len(view) // data.shape[0])
             done = 0
