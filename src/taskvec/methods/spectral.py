@@ -171,8 +171,8 @@ def tsv(
     θ₀ + α · mean(τᵢ). One model gives θ₀ + α τ₁. Triplets with a numerically zero singular
     value are dropped (the reference keeps arbitrary vectors there), and a rank-deficient Û
     (e.g. identical task vectors) is orthogonalised on its range, so T identical inputs give
-    θ₀ + α times τ's best rank-⌊r/T⌋ approximation. The official code picks α on validation data; FusionBench
-    uses α = 1.
+    θ₀ + α times τ's best rank-⌊r/T⌋ approximation. The official code picks α on validation
+    data; FusionBench uses α = 1.
     """
     alpha = _alpha(alpha)
     if not is_matrix(tensors, name):

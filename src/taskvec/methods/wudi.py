@@ -88,12 +88,12 @@ def wudi(
 ) -> torch.Tensor:
     """θ = θ₀ + τ_m, τ_m = Adam-argmin Σᵢ ‖(τ_m − τᵢ) τᵢᵀ‖²_F / ‖τᵢ‖²_F started at Σᵢ τᵢ.
 
-    WUDI-Merging (Cheng et al., ICML 2025), for each 2-D, non-embedding tensor: `steps` full-
-    batch Adam steps (learning rate `lr`, β = (0.9, 0.999), ε = 1e-8, no weight decay) from
-    the task-arithmetic sum, as the reference code (300 steps, lr 1e-5; FusionBench uses 400
-    steps). There is no scaling coefficient. Other tensors: θ₀ + mean(τᵢ). Computed exactly in
-    Gram space (see the module docstring); a model equal to the base (τᵢ = 0, where the
-    reference divides 0 by 0) is left out of the loss.
+    WUDI-Merging (Cheng et al., ICML 2025), for each 2-D, non-embedding tensor:
+    `steps` full-batch Adam steps (learning rate `lr`, β = (0.9, 0.999), ε = 1e-8, no weight
+    decay) from the task-arithmetic sum, as in the reference code (300 steps, lr 1e-5;
+    FusionBench uses 400 steps). There is no scaling coefficient. Other tensors:
+    θ₀ + mean(τᵢ). Computed exactly in Gram space (see the module docstring); a model equal
+    to the base (τᵢ = 0, where the reference divides 0 by 0) is left out of the loss.
     """
     if steps < 0 or steps != int(steps):
         raise ConfigError(f"steps must be a whole number ≥ 0, got {steps!r}")
