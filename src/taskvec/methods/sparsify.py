@@ -280,7 +280,8 @@ def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
     rows, cols = magnitude.shape
     if cols == 1:
         return torch.zeros_like(magnitude)
-    order = magnitude.argsort(dim=1, stable=True)
+    keys = magnitude.view(torch.int32) if magnitude.dtype == torch.float32 else magnitude
+    order = keys.argsort(dim=1, stable=True)  # float32 ≥ 0 sorts like its bits, and faster
     ranks = torch.empty_like(magnitude)
     steps = torch.arange(cols, dtype=magnitude.dtype) / (cols - 1)
     return ranks.scatter_(1, order, steps.expand(rows, cols))
