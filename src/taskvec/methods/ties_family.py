@@ -84,19 +84,17 @@ def combine(
 def _consensus_block(
     deltas: torch.Tensor, w: torch.Tensor, normalize: bool, unweighted_election: bool
 ) -> torch.Tensor:
-    elected_pos = deltas.sum(0) >= 0 if unweighted_election else None
     weighted = deltas * w.unsqueeze(1)
     pos = weighted.clamp(min=0).sum(0)
     neg = weighted.clamp(max=0).sum(0)
-    if elected_pos is None:
-        elected_pos = (pos + neg) >= 0
-    mixed = torch.where(elected_pos, pos, neg)
+    elected = ((deltas.sum(0) if unweighted_election else pos + neg) >= 0).to(pos.dtype)
+    mixed = torch.lerp(neg, pos, elected)  # exactly pos where elected is 1, neg where 0
     if normalize:
-        wpos = ((weighted > 0) * w.unsqueeze(1)).sum(0)
-        wneg = ((weighted < 0) * w.unsqueeze(1)).sum(0)
-        divisor = torch.where(elected_pos, wpos, wneg)
-        divisor[divisor == 0] = 1
-        mixed /= divisor
+        row = w.unsqueeze(0)
+        wpos = (row @ (weighted > 0).to(w.dtype)).squeeze(0)
+        wneg = (row @ (weighted < 0).to(w.dtype)).squeeze(0)
+        divisor = torch.lerp(wneg, wpos, elected)
+        mixed /= divisor.add_(divisor == 0)  # no agreeing entry: the sum is 0 anyway
     return mixed
 
 
