@@ -501,6 +501,13 @@ def test_build_records_margins_and_replaces_a_task_under_the_bar(
         build_mod.build_benchmark(
             config.replace(reserve=()), cache=tmp_path, base=tiny_base, echo=lambda s: None
         )
+    # ... unless enough tasks remain without it: then it is dropped (and recorded)
+    dropped = build_mod.build_benchmark(
+        config.replace(reserve=(), min_tasks=1), cache=tmp_path, base=tiny_base, echo=lines.append
+    )
+    assert dropped.tasks == ["toy"] and dropped.dropped == ["toy2"] and dropped.replaced == {}
+    assert json.loads((tmp_path / "bench/toybench.json").read_text())["dropped"] == ["toy2"]
+    assert "toy2" in dropped.checks and set(dropped.heads) == {"toy"}
 
 
 def test_configs_name_the_experts(toy_bench: Bench) -> None:

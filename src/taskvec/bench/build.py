@@ -3,8 +3,9 @@
 :func:`build_benchmark` fetches every task's data, fine-tunes (or reuses) one expert per task,
 fits the frozen-base linear probe and scores the expert on its own task. An expert that does not
 beat the probe by ``config.min_margin`` points on the test split fails the check; its task is
-replaced by the next of ``config.reserve`` (and recorded as replaced), and the build fails when
-the reserve runs out. Everything is cached (experts, probes and scores), so a rerun, or a run
+replaced by the next of ``config.reserve`` (and recorded as replaced); when the reserve runs
+out it is dropped if ``config.min_tasks`` tasks still remain, and the build fails otherwise.
+Everything is cached (experts, probes and scores), so a rerun, or a run
 after an interruption, only does what is missing. The outcome is written to
 ``<cache>/bench/<config name>.json``.
 """
@@ -86,6 +87,7 @@ class Built:
     evaluator: Evaluator
     threads: int
     seconds: dict[str, float] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # failed, no reserve left, enough remain
 
     @property
     def heads(self) -> dict[str, Head]:
@@ -108,6 +110,7 @@ class Built:
             "base": str(self.base),
             "tasks": self.tasks,
             "replaced": self.replaced,
+            "dropped": self.dropped,
             "experts": {t: str(e.path) for t, e in self.experts.items()},
             "checks": {t: c.to_json() for t, c in self.checks.items()},
             "train": self.config.train.__dict__,
@@ -168,6 +171,7 @@ def build_benchmark(
     experts: dict[str, Expert] = {}
     checks: dict[str, TaskCheck] = {}
     replaced: dict[str, str] = {}
+    dropped: list[str] = []
     pending = list(config.tasks)
     train_seconds = 0.0
     while pending:
@@ -198,19 +202,34 @@ def build_benchmark(
             kept.append(name)
             experts[name] = expert
             continue
-        if not queue:
+        if queue:
+            replaced[name] = queue.pop(0)
+            echo(f"  replacing {name} with {replaced[name]}")
+            pending.insert(0, replaced[name])
+        elif config.min_tasks is not None and len(kept) + len(pending) >= config.min_tasks:
+            dropped.append(name)
+            echo(f"  dropping {name}: no reserve task left, {len(kept) + len(pending)} remain")
+        else:
             raise BenchError(
                 f"the {name} expert beats the base probe by {check.margin:.1f} points, under "
                 f"the {config.min_margin:g}-point bar, and no reserve task is left"
             )
-        replaced[name] = queue.pop(0)
-        echo(f"  replacing {name} with {replaced[name]}")
-        pending.insert(0, replaced[name])
     seconds["experts"] = train_seconds
     seconds["checks"] = time.perf_counter() - mark - train_seconds
     seconds["total"] = time.perf_counter() - start
     built = Built(
-        config, root, base, kept, data, experts, checks, replaced, evaluator, n_threads, seconds
+        config,
+        root,
+        base,
+        kept,
+        data,
+        experts,
+        checks,
+        replaced,
+        evaluator,
+        n_threads,
+        seconds,
+        dropped,
     )
     path = root / "bench" / f"{config.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

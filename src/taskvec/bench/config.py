@@ -46,7 +46,9 @@ class BenchConfig:
     ``test_size`` / ``val_size`` cap the examples evaluated per task (None: the whole split);
     ``probe_train`` is how many training examples the frozen-base linear probe is fitted on.
     An expert must beat that probe on its test split by ``min_margin`` points; a task whose
-    expert does not is replaced by the next ``reserve`` task (see :mod:`~taskvec.bench.build`).
+    expert does not is replaced by the next ``reserve`` task, or, when none is left, dropped as
+    long as ``min_tasks`` tasks remain (None: every task must stay; see
+    :mod:`~taskvec.bench.build`).
     """
 
     name: str
@@ -58,6 +60,7 @@ class BenchConfig:
     eval_batch_size: int = 64
     reserve: tuple[str, ...] = ()
     min_margin: float = 3.0
+    min_tasks: int | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -89,5 +92,6 @@ FULL = BenchConfig(
     # scored on 7 x 480 test examples in about a minute on one busy core
     test_size=480,
     val_size=144,
+    min_tasks=6,
 )
 PRESETS = {c.name: c for c in (LITE, FULL)}

@@ -100,6 +100,7 @@ def _extras(
     extra: dict[str, Any] = {
         "expert_check": {t: c.to_json() for t, c in built.checks.items()},
         "replaced": built.replaced,
+        "dropped": built.dropped,
         "selection_rule": SELECTION_RULE,
         "settings": {
             "train": built.config.train.__dict__,
