@@ -19,11 +19,13 @@ Linear algebra (exactness first, then speed):
   fall back.
 * :func:`polar` computes the nearest orthonormal-column matrix (the polar factor ``P Qᵀ`` of
   ``X = P Σ Qᵀ``) as ``X (XᵀX)^{-1/2}`` from a float64 eigendecomposition of the small Gram
-  matrix when ``XᵀX`` is well conditioned (λ_min/λ_max ≥ 1e-4 in float32, so the
-  orthogonality error stays ≲ ε·√(λ_max/λ_min) ≈ 1e-5), and from an exact SVD otherwise.
+  matrix when ``X`` is clearly tall (at most 0.75 columns per row) and ``XᵀX`` is well
+  conditioned (λ_min/λ_max ≥ 1e-4 in float32, so the orthogonality error stays
+  ≲ ε·√(λ_max/λ_min) ≈ 1e-5), and from an exact SVD otherwise.
 * Degenerate inputs are made deterministic: singular triplets whose singular value is
   numerically zero (below ``max(m, n) · ε · σ₁``, numpy's rank tolerance) are dropped, and the
-  polar factor of a rank-deficient matrix is the partial isometry on its range. The reference
+  polar factor of a rank-deficient matrix (singular values below ``2 √max(m, p) · ε · σ₁``,
+  i.e. repeated or zero columns) is the partial isometry on its range. The reference
   code would instead keep LAPACK's arbitrary basis for those null directions (weighted by σ̄
   in Iso-C/Iso-CTS); wherever the reference is well defined the results agree.
 """
@@ -31,6 +33,7 @@ Linear algebra (exactness first, then speed):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -41,6 +44,9 @@ SMALL_NUMEL = 1 << 16
 """Matrices with at most this many entries are decomposed in float64."""
 POLAR_COND = {torch.float32: 1e-4, torch.float64: 1e-12}
 """Smallest λ_min/λ_max of XᵀX for which :func:`polar` uses the Gram eigendecomposition."""
+POLAR_GRAM_MAX_ASPECT = 0.75
+"""Nearly square factors (p > 0.75·m columns) go straight to the SVD: TSV's short-side factor
+has T·⌊r/T⌋ ≈ r columns, so its Gram matrix is almost always too ill-conditioned anyway."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,16 +104,22 @@ def polar(x: torch.Tensor) -> torch.Tensor:
         return x
     if p > m:
         return polar(x.mT).mT
-    x64 = x.double()
-    lam, w = torch.linalg.eigh(x64.mT @ x64)
-    top = float(lam[-1])
-    if top <= 0:
-        return torch.zeros_like(x)
-    if float(lam[0]) >= POLAR_COND.get(x.dtype, 1e-4) * top:
-        core = (w * lam.rsqrt()) @ w.mT
-        return x @ core.to(x.dtype)
+    if p <= POLAR_GRAM_MAX_ASPECT * m:
+        x64 = x.double()
+        lam, w = torch.linalg.eigh(x64.mT @ x64)
+        top = float(lam[-1])
+        if top <= 0:
+            return torch.zeros_like(x)
+        if float(lam[0]) >= POLAR_COND.get(x.dtype, 1e-4) * top:
+            core = (w * lam.rsqrt()) @ w.mT
+            return x @ core.to(x.dtype)
     u, s, v = exact_svd(x)
-    u, s, v = _keep(u, s, v, _tol((m, p), x.dtype) * float(s[0]))
+    if float(s[0]) == 0:
+        return torch.zeros_like(x)
+    # Only exact rank deficiency (repeated or zero columns) is cut here, at ~rounding level:
+    # a nearly square factor can have genuine σ_min/σ_max near 1/m, which the reference keeps.
+    cut = 2 * math.sqrt(max(m, p)) * torch.finfo(x.dtype).eps * float(s[0])
+    u, s, v = _keep(u, s, v, cut)
     return u @ v.mT
 
 
@@ -123,29 +135,37 @@ def _alpha(alpha: float) -> float:
 
 
 def _top_each(
-    taus: torch.Tensor, k: int, refs: list[float] | None = None
+    mats: Callable[[int], torch.Tensor],
+    t: int,
+    shape: tuple[int, int],
+    k: int,
+    refs: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every task's top-k triplets (one batched exact SVD), numerically zero ones dropped,
+    """The top-k triplets of each of the ``t`` matrices ``mats(i)`` (exact SVDs, one at a
+    time so that only the kept columns stay in memory), numerically zero ones dropped,
     concatenated: U (m × Σkᵢ), s (Σkᵢ), V (n × Σkᵢ)."""
-    t, m, n = taus.shape
+    m, n = shape
     k = min(k, m, n)
-    if k <= 0:
-        return taus.new_zeros(m, 0), taus.new_zeros(0), taus.new_zeros(n, 0)
-    u, s, v = exact_svd(taus)
     us, ss, vs = [], [], []
-    for i in range(t):
-        top = float(s[i, 0]) if refs is None else refs[i]
-        ui, si, vi = _keep(u[i, :, :k], s[i, :k], v[i, :, :k], _tol((m, n), taus.dtype) * top)
-        us.append(ui)
-        ss.append(si)
-        vs.append(vi)
+    for i in range(t if k > 0 else 0):
+        a = mats(i)
+        u, s, v = exact_svd(a)
+        top = float(s[0]) if refs is None else refs[i]
+        u, s, v = _keep(u[:, :k], s[:k], v[:, :k], _tol((m, n), a.dtype) * top)
+        us.append(u.clone())
+        ss.append(s.clone())
+        vs.append(v.clone())
+        del a, u, s, v
+    if not us:
+        like = mats(0)
+        return like.new_zeros(m, 0), like.new_zeros(0), like.new_zeros(n, 0)
     return torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
 
 
 def tsv_delta(taus: torch.Tensor) -> torch.Tensor:
     """The TSV-M merged task matrix of ``taus`` (T, m, n)."""
     t, m, n = taus.shape
-    u, s, v = _top_each(taus, min(m, n) // t)
+    u, s, v = _top_each(lambda i: taus[i], t, (m, n), min(m, n) // t)
     if s.numel() == 0:
         return taus.new_zeros(m, n)
     return (polar(u) * s) @ polar(v).mT
@@ -221,9 +241,8 @@ def iso_cts_delta(taus: torch.Tensor, fraction: float) -> torch.Tensor:
         )
     else:
         u, s, v = u[:, :0], s[:0], v[:, :0]
-    specific = taus - u @ (u.mT @ taus)
     refs = [float(x) for x in torch.linalg.matrix_norm(taus)]
-    ut, st, vt = _top_each(specific, per_task, refs)
+    ut, st, vt = _top_each(lambda i: taus[i] - u @ (u.mT @ taus[i]), t, (m, n), per_task, refs)
     us, ss, vs = [u, ut], [s, st], [v, vt]
     s_all = torch.cat(ss)
     if s_all.numel() == 0:
