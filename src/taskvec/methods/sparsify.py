@@ -105,7 +105,9 @@ def rank_window(delta: torch.Tensor, start: int, stop: int) -> Window:
     positions, values = [], []
     for offset, chunk in zip(range(0, n, _SCAN), flat.split(_SCAN), strict=True):
         keys = _magnitude_keys(chunk)
-        hit = (keys == min(bins)) | (keys == max(bins))
+        hit = keys == min(bins)
+        if len(bins) == 2:
+            hit |= keys == max(bins)
         hit &= chunk != 0
         where = torch.nonzero(hit).squeeze(1)
         positions.append(where + offset)

@@ -57,34 +57,56 @@ def combine(
     """
     w = weight.to(deltas.dtype)
     flat = deltas.reshape(deltas.shape[0], -1)
+    out = base.reshape(-1)  # the call's own buffer: the result is built in place
+    keep = None
     if windows is not None:
         for row, window in zip(flat, windows, strict=True):
             row[window.drop] = 0  # ties outside the window; now below lo (or zero anyway)
-        lo = torch.tensor([w.lo for w in windows], dtype=deltas.dtype).unsqueeze(1)
-        hi = torch.tensor([w.hi for w in windows], dtype=deltas.dtype).unsqueeze(1)
-        for start in range(0, flat.shape[1], BLOCK):
-            block = flat[:, start : start + BLOCK]
-            a = block.abs()
-            block.mul_((a >= lo) & (a <= hi))
-    if not consensus:  # accumulate straight into base: no temporary of the tensor's size
-        total = float(w.sum())
-        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
-        for delta, wi in zip(deltas, w.tolist(), strict=True):
-            base.add_(delta, alpha=scale * wi / divisor)
-        return base
-    out = base.reshape(-1)  # the call's own buffer: the result is built in place
+        keep = _Keep(windows, deltas.dtype)
+    total = float(w.sum())
+    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    alphas = [scale * wi / divisor for wi in w.tolist()]
+    unit = bool((w == 1).all())
     for start in range(0, out.numel(), BLOCK):
         block = flat[:, start : start + BLOCK]
-        out[start : start + BLOCK].add_(
-            _consensus_block(block, w, normalize, unweighted_election), alpha=scale
-        )
+        if keep is not None:
+            keep(block)
+        target = out[start : start + BLOCK]
+        if consensus:
+            mixed = _consensus_block(block, w, unit, normalize, unweighted_election)
+            target.add_(mixed, alpha=scale)
+        else:
+            for delta, alpha in zip(block, alphas, strict=True):
+                target.add_(delta, alpha=alpha)
     return out.reshape(base.shape)
 
 
+class _Keep:
+    """Zeroes, in place, the entries of a block outside each model's ``[lo, hi]`` magnitudes
+    (testing only the bounds some model actually has)."""
+
+    def __init__(self, windows: list[sp.Window], dtype: torch.dtype):
+        self.lo = torch.tensor([w.lo for w in windows], dtype=dtype).unsqueeze(1)
+        self.hi = torch.tensor([w.hi for w in windows], dtype=dtype).unsqueeze(1)
+        self.test_lo = any(w.lo > 0 for w in windows)
+        self.test_hi = any(w.hi < math.inf for w in windows)
+
+    def __call__(self, block: torch.Tensor) -> None:
+        if not (self.test_lo or self.test_hi):
+            return
+        a = block.abs()
+        if self.test_lo and self.test_hi:
+            block.mul_((a >= self.lo) & (a <= self.hi))
+        elif self.test_lo:
+            block.mul_(a >= self.lo)
+        else:
+            block.mul_(a <= self.hi)
+
+
 def _consensus_block(
-    deltas: torch.Tensor, w: torch.Tensor, normalize: bool, unweighted_election: bool
+    deltas: torch.Tensor, w: torch.Tensor, unit: bool, normalize: bool, unweighted_election: bool
 ) -> torch.Tensor:
-    weighted = deltas * w.unsqueeze(1)
+    weighted = deltas if unit else deltas * w.unsqueeze(1)
     pos = weighted.clamp(min=0).sum(0)
     neg = weighted.clamp(max=0).sum(0)
     elected = ((deltas.sum(0) if unweighted_election else pos + neg) >= 0).to(pos.dtype)
