@@ -12,19 +12,19 @@ from taskvec.methods.registry import REQUIRED, merge_method
 SHOEMAKE = "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985"
 
 
-def slerp_pair(
+def slerp_coefficients(
     t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
-) -> torch.Tensor:
-    """Whole-tensor SLERP: with Ω the angle between a and b,
-    sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b; linear interpolation when |cos Ω| > threshold."""
+) -> tuple[float, float]:
+    """(cₐ, c_b) with SLERP(a, b; t) = cₐ a + c_b b over the whole tensors: with Ω the angle
+    between a and b, sin((1−t)Ω)/sin Ω and sin(tΩ)/sin Ω; (1 − t, t) when |cos Ω| > threshold."""
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
     cos = max(-1.0, min(1.0, float(torch.dot(a.reshape(-1), b.reshape(-1))) / (na * nb)))
     if abs(cos) > dot_threshold:
-        return (1 - t) * a + t * b
+        return 1 - t, t
     omega = math.acos(cos)
     s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
+    return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
 
 
 @merge_method("slerp", base="required", globals={"t": REQUIRED}, reference=SHOEMAKE, min_models=1)
@@ -34,7 +34,8 @@ def slerp(tensors: torch.Tensor, base: torch.Tensor, *, t: float) -> torch.Tenso
         raise NumericError(
             f"slerp takes the base and exactly one other model, got {tensors.shape[0]}"
         )
-    return slerp_pair(float(t), base, tensors[0])
+    ca, cb = slerp_coefficients(float(t), base, tensors[0])
+    return base.mul_(ca).add_(tensors[0], alpha=cb)  # the call's own buffer
 
 
 def _rowwise_slerp(t: float, a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
