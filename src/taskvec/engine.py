@@ -248,13 +248,15 @@ def execute(
         writer.write(job.name, result, job.rows[0] if job.rows else 0)
         return job.out_bytes
 
-    gc.freeze()  # the plan's many objects need no more collecting: cheaper collections
+    collecting = gc.isenabled()
+    gc.disable()  # the jobs make no reference cycles; collections would only rescan the plan
     try:
         for nbytes in parallel_map(run, jobs, threads):
             bar.update(nbytes)
     finally:
         bar.close()
-        gc.unfreeze()
+        if collecting:
+            gc.enable()
     seconds = time.perf_counter() - start
     stats = RunStats(len(jobs), sum(j.read_bytes for j in jobs), total, seconds)
     log.info(

@@ -8,9 +8,12 @@ from taskvec.errors import NumericError
 from taskvec.methods.registry import REQUIRED, merge_method
 
 
-def weighted_sum(tensors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σᵢ wᵢ xᵢ over the first axis, accumulated in a fixed order."""
-    out = tensors[0] * weight[0]
+def weighted_sum(
+    tensors: torch.Tensor, weight: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
+    """Σᵢ wᵢ xᵢ over the first axis, accumulated in a fixed order (into ``tensors[0]`` when
+    ``in_place``)."""
+    out = tensors[0].mul_(float(weight[0])) if in_place else tensors[0] * weight[0]
     for i in range(1, tensors.shape[0]):
         out.add_(tensors[i], alpha=float(weight[i]))
     return out
@@ -20,7 +23,7 @@ def _divide_by_total(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     total = float(weight.sum())
     if total == 0.0:
         raise NumericError("weights sum to zero, so they cannot be normalized (normalize: false?)")
-    return x / total
+    return x.div_(total)
 
 
 @merge_method(
@@ -42,7 +45,7 @@ def linear(
     average and leave `base_model` out to exclude it. Weights summing to 0 with normalize is
     an error (mergekit divides by zero).
     """
-    out = weighted_sum(tensors, weight)
+    out = weighted_sum(tensors, weight, in_place=True)  # tensors is the call's own buffer
     return _divide_by_total(out, weight) if normalize else out
 
 
@@ -73,7 +76,7 @@ def task_arithmetic(
     generalized task arithmetic without sparsification): use ties, dare_linear or breadcrumbs
     to sparsify.
     """
-    delta = weighted_sum(tensors.sub_(base), weight)  # tensors is the call's own buffer
+    delta = weighted_sum(tensors.sub_(base), weight, in_place=True)  # the call's own buffer
     if normalize:
         delta = _divide_by_total(delta, weight)
     return delta.mul_(params["lambda"]).add_(base)
