@@ -73,8 +73,35 @@ def work_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def task_vectors(tensors: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """All τᵢ = θᵢ − θ₀, stacked, in the working dtype."""
     dt = work_dtype(tensors)
     return tensors.to(dt) - base.to(dt)
+
+
+class Tasks:
+    """The task vectors τᵢ = θᵢ − θ₀ of one parameter, in the working dtype, made one at a
+    time on demand so that a method holds at most one of them besides its own results."""
+
+    def __init__(self, tensors: torch.Tensor, base: torch.Tensor) -> None:
+        self.tensors = tensors
+        self.dtype = work_dtype(tensors)
+        self.base = base.to(self.dtype)
+        self.t = tensors.shape[0]
+        self.shape: tuple[int, int] = (tensors.shape[1], tensors.shape[2])
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.tensors[i].to(self.dtype) - self.base
+
+    def total_and_norms(self) -> tuple[torch.Tensor, list[float]]:
+        """Σᵢ τᵢ and the Frobenius norms ‖τᵢ‖_F."""
+        total = self(0)
+        norms = [float(torch.linalg.matrix_norm(total))]
+        for i in range(1, self.t):
+            tau = self(i)
+            norms.append(float(torch.linalg.matrix_norm(tau)))
+            total += tau
+            del tau
+        return total, norms
 
 
 def _tol(shape: tuple[int, ...], dtype: torch.dtype) -> float:
@@ -162,12 +189,12 @@ def _top_each(
     return torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
 
 
-def tsv_delta(taus: torch.Tensor) -> torch.Tensor:
-    """The TSV-M merged task matrix of ``taus`` (T, m, n)."""
-    t, m, n = taus.shape
-    u, s, v = _top_each(lambda i: taus[i], t, (m, n), min(m, n) // t)
+def tsv_delta(tasks: Tasks) -> torch.Tensor:
+    """The TSV-M merged task matrix."""
+    m, n = tasks.shape
+    u, s, v = _top_each(tasks, tasks.t, (m, n), min(m, n) // tasks.t)
     if s.numel() == 0:
-        return taus.new_zeros(m, n)
+        return tasks.base.new_zeros(m, n)
     return (polar(u) * s) @ polar(v).mT
 
 
@@ -197,9 +224,8 @@ def tsv(
     alpha = _alpha(alpha)
     if not is_matrix(tensors, name):
         return mean_rule(tensors, base, alpha)
-    taus = task_vectors(tensors, base)
-    delta = tsv_delta(taus)
-    return base + alpha * delta.to(base.dtype)
+    delta = tsv_delta(Tasks(tensors, base))
+    return torch.add(base, delta.to(base.dtype), alpha=alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,15 +233,16 @@ def tsv(
 # --------------------------------------------------------------------------------------------
 
 
-def iso_c_delta(taus: torch.Tensor) -> torch.Tensor:
+def iso_c_delta(tasks: Tasks) -> torch.Tensor:
     """σ̄ · U Vᵀ for the SVD U diag(σ) Vᵀ of Σᵢ τᵢ."""
-    total = taus.sum(0)
+    total, _ = tasks.total_and_norms()
     u, s, v = exact_svd(total)
     sigma = s.mean()
     if float(s[0]) == 0.0:
         return torch.zeros_like(total)
     u, s, v = _keep(u, s, v, _tol(tuple(total.shape), total.dtype) * float(s[0]))
-    return sigma * (u @ v.mT)
+    del total
+    return (u @ v.mT).mul_(sigma)
 
 
 def iso_cts_split(r: int, t: int, fraction: float) -> tuple[int, int]:
@@ -228,12 +255,17 @@ def iso_cts_split(r: int, t: int, fraction: float) -> tuple[int, int]:
     return r - per_task * t, per_task
 
 
-def iso_cts_delta(taus: torch.Tensor, fraction: float) -> torch.Tensor:
+def _remove(tau: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """τ − U Uᵀ τ."""
+    return tau - u @ (u.mT @ tau)
+
+
+def iso_cts_delta(tasks: Tasks, fraction: float) -> torch.Tensor:
     """Common subspace of Σᵢ τᵢ plus task-specific subspaces, orthogonalised, flat spectrum."""
-    t, m, n = taus.shape
+    t, (m, n) = tasks.t, tasks.shape
     r = min(m, n)
     common, per_task = iso_cts_split(r, t, fraction)
-    total = taus.sum(0)
+    total, refs = tasks.total_and_norms()
     u, s, v = exact_svd(total)
     if float(s[0]) > 0:
         u, s, v = _keep(
@@ -241,14 +273,15 @@ def iso_cts_delta(taus: torch.Tensor, fraction: float) -> torch.Tensor:
         )
     else:
         u, s, v = u[:, :0], s[:0], v[:, :0]
-    refs = [float(x) for x in torch.linalg.matrix_norm(taus)]
-    ut, st, vt = _top_each(lambda i: taus[i] - u @ (u.mT @ taus[i]), t, (m, n), per_task, refs)
+    u, s, v = u.clone(), s.clone(), v.clone()  # release the full SVD and the sum
+    del total
+    ut, st, vt = _top_each(lambda i: _remove(tasks(i), u), t, (m, n), per_task, refs)
     us, ss, vs = [u, ut], [s, st], [v, vt]
     s_all = torch.cat(ss)
     if s_all.numel() == 0:
-        return taus.new_zeros(m, n)
+        return u.new_zeros(m, n)
     sigma = s_all.sum() / r  # the mean over the r slots (dropped null directions count as 0)
-    return sigma * (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).mT)
+    return (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).mT).mul_(sigma)
 
 
 _ISO_REFERENCE = (
@@ -275,8 +308,8 @@ def iso_c(
     alpha = _alpha(alpha)
     if not is_matrix(tensors, name):
         return mean_rule(tensors, base, alpha)
-    delta = iso_c_delta(task_vectors(tensors, base))
-    return base + alpha * delta.to(base.dtype)
+    delta = iso_c_delta(Tasks(tensors, base))
+    return torch.add(base, delta.to(base.dtype), alpha=alpha)
 
 
 @merge_method(
@@ -311,5 +344,5 @@ def iso_cts(
         raise ConfigError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
     if not is_matrix(tensors, name):
         return mean_rule(tensors, base, alpha)
-    delta = iso_cts_delta(task_vectors(tensors, base), f)
-    return base + alpha * delta.to(base.dtype)
+    delta = iso_cts_delta(Tasks(tensors, base), f)
+    return torch.add(base, delta.to(base.dtype), alpha=alpha)

@@ -20,7 +20,7 @@ import torch
 
 from taskvec.errors import ConfigError
 from taskvec.methods.registry import merge_method
-from taskvec.methods.spectral import is_matrix, mean_rule, task_vectors
+from taskvec.methods.spectral import Tasks, is_matrix, mean_rule
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -33,41 +33,43 @@ def wudi_loss(merged: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
     return (product.square().sum((1, 2)) / norms[live]).sum()
 
 
-def wudi_delta(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """The WUDI merged task matrix of ``taus`` (T, out, in) after ``steps`` Adam steps."""
-    t, out, inp = taus.shape
-    start = taus.sum(0)
-    norms = taus.reshape(t, -1).square().sum(1)
-    live = norms > 0
-    if steps == 0 or not bool(live.any()):
+def wudi_delta(tasks: Tasks, steps: int, lr: float) -> torch.Tensor:
+    """The WUDI merged task matrix after ``steps`` Adam steps (τᵢ made one at a time)."""
+    t, (out, inp) = tasks.t, tasks.shape
+    start, norms = tasks.total_and_norms()
+    live = [i for i in range(t) if norms[i] > 0]
+    if steps == 0 or not live:
         return start
-    taus, weights = taus[live], norms[live].reciprocal()
-    t = taus.shape[0]
-    if inp <= 2 * t * out:
-        grams = taus.mT @ taus  # (t, in, in)
-        a = (grams * weights[:, None, None]).sum(0)
-        c0 = ((start - taus) @ grams * weights[:, None, None]).sum(0)
-
-        def times_a(d: torch.Tensor) -> torch.Tensor:
-            return d @ a
-
-    else:
-        r = (taus * weights.sqrt()[:, None, None]).reshape(t * out, inp)
-        c0 = (((start - taus) @ taus.mT) @ taus * weights[:, None, None]).sum(0)
-
-        def times_a(d: torch.Tensor) -> torch.Tensor:
-            return (d @ r.mT) @ r
-
-    d = torch.zeros_like(start)
-    m = torch.zeros_like(start)
-    v = torch.zeros_like(start)
+    weights = {i: 1.0 / norms[i] ** 2 for i in live}
+    dense = inp <= 2 * len(live) * out
+    a = start.new_zeros(inp, inp) if dense else None
+    rows = []
+    c0 = torch.zeros_like(start)
+    for i in live:
+        tau = tasks(i)
+        if dense:
+            gram = tau.mT @ tau
+            a.add_(gram, alpha=weights[i])
+            c0.add_((start - tau) @ gram, alpha=weights[i])
+        else:
+            rows.append(tau * math.sqrt(weights[i]))
+            c0.add_(((start - tau) @ tau.mT) @ tau, alpha=weights[i])
+        del tau
+    r = None if dense else torch.cat(rows)  # (T·out, in): A = rᵀ r
+    del rows
+    d, m, v = torch.zeros_like(start), torch.zeros_like(start), torch.zeros_like(start)
+    g, denom = torch.empty_like(start), torch.empty_like(start)
     for step in range(1, steps + 1):
-        g = times_a(d).add_(c0).mul_(2.0)
+        if a is not None:
+            torch.matmul(d, a, out=g)
+        else:
+            torch.matmul(d @ r.mT, r, out=g)
+        g.add_(c0).mul_(2.0)
         m.mul_(BETA1).add_(g, alpha=1 - BETA1)
         v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
-        denom = (v.sqrt() / math.sqrt(1 - BETA2**step)).add_(EPS)
+        torch.sqrt(v, out=denom).div_(math.sqrt(1 - BETA2**step)).add_(EPS)
         d.addcdiv_(m, denom, value=-lr / (1 - BETA1**step))
-    return start + d
+    return start.add_(d)
 
 
 @merge_method(
@@ -101,5 +103,5 @@ def wudi(
         raise ConfigError(f"lr must be a finite number ≥ 0, got {lr!r}")
     if not is_matrix(tensors, name):
         return mean_rule(tensors, base, 1.0)
-    delta = wudi_delta(task_vectors(tensors, base), int(steps), float(lr))
-    return base + delta.to(base.dtype)
+    delta = wudi_delta(Tasks(tensors, base), int(steps), float(lr))
+    return torch.add(base, delta.to(base.dtype))
