@@ -58,7 +58,7 @@ def wudi_delta(tasks: Tasks, steps: int, lr: float) -> torch.Tensor:
     r = None if dense else torch.cat(rows)  # (T·out, in): A = rᵀ r
     del rows
     d, m, v = torch.zeros_like(start), torch.zeros_like(start), torch.zeros_like(start)
-    g, denom = torch.empty_like(start), torch.empty_like(start)
+    g = torch.empty_like(start)  # the gradient, then (once m and v have it) Adam's denominator
     for step in range(1, steps + 1):
         if a is not None:
             torch.matmul(d, a, out=g)
@@ -67,8 +67,8 @@ def wudi_delta(tasks: Tasks, steps: int, lr: float) -> torch.Tensor:
         g.add_(c0).mul_(2.0)
         m.mul_(BETA1).add_(g, alpha=1 - BETA1)
         v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
-        torch.sqrt(v, out=denom).div_(math.sqrt(1 - BETA2**step)).add_(EPS)
-        d.addcdiv_(m, denom, value=-lr / (1 - BETA1**step))
+        torch.sqrt(v, out=g).div_(math.sqrt(1 - BETA2**step)).add_(EPS)
+        d.addcdiv_(m, g, value=-lr / (1 - BETA1**step))
     return start.add_(d)
 
 
