@@ -204,7 +204,8 @@ SYMMETRIC: dict[str, dict[str, Any]] = {
     "ram": {},
     "ramplus_tl": {},
     "sce": {},
-    "karcher": {},
+    # an iterative mean is order-free once converged (the default 10 steps may stop short)
+    "karcher": {"max_iter": 1000, "tol": 1e-6},
     "multislerp": {"weight": None},
     "magmax": {},
     "consensus": {"weight": None},
