@@ -82,6 +82,7 @@ def main(verbose: int) -> None:
 @_overwrite
 @_shard
 @click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE...).")
+@click.option("--device", default="cpu", show_default=True, help="Where methods compute (cuda).")
 @_quiet
 @_friendly
 def merge(
@@ -92,6 +93,7 @@ def merge(
     overwrite: bool,
     shard_size: str,
     random_seed: int | None,
+    device: str,
     no_progress: bool,
 ) -> None:
     """Merge the models of a mergekit-style YAML CONFIG into the folder OUT."""
@@ -104,6 +106,7 @@ def merge(
         shard_size=shard_size,
         random_seed=random_seed,
         progress=not no_progress,
+        device=device,
     )
     if not dry_run:
         n_tensors = len(planned_tensors(plan.jobs))  # jobs are row chunks of tensors

@@ -74,6 +74,15 @@ class _Slice:
 
 
 @dataclass
+class _Run:
+    """What every job of a plan shares at run time: the whole-model pass's results and the
+    device the methods compute on."""
+
+    context: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
 class MergePlan:
     """Everything a merge will do, known before any tensor is read."""
 
@@ -85,13 +94,18 @@ class MergePlan:
     out_config: dict[str, Any] | None
     problems: list[str] = field(default_factory=list)
     tasks: list[_TensorTask] = field(default_factory=list)
-    context: dict[str, Any] = field(default_factory=dict)
+    run: _Run = field(default_factory=_Run)
     inputs: list[Checkpoint] = field(default_factory=list)
 
     @property
     def whole_model_pass(self) -> bool:
         """Whether the method needs a streamed first pass over every tensor."""
         return bool(self.tasks) and _needs_pass(self.method, self.tasks[0].global_)
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The extra globals the whole-model pass produced (empty before :meth:`prepare`)."""
+        return self.run.context
 
     def prepare(self, threads: int, progress: bool = True) -> None:
         """Run the whole-model pass, if any, filling the context every tensor job receives."""
@@ -107,7 +121,8 @@ class MergePlan:
             leave=False,
             unit="tensor",
         )
-        for part in parallel_map(_TensorTask.collect, self.tasks, threads):
+        device = self.run.device
+        for part in parallel_map(lambda task: task.collect(device), self.tasks, threads):
             total = part if total is None else total + part
             bar.update()
         bar.close()
@@ -273,9 +288,9 @@ class _TensorTask:
     name: str
     rows: tuple[int, int] | None = None
 
-    def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The inputs stacked as ``(N, *shape)`` in the working dtype, and the base tensor
-        (only rows ``[start, stop)`` for a row chunk of an elementwise method)."""
+    def load(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inputs stacked as ``(N, *shape)`` in the working dtype on ``device``, and the
+        base tensor (only rows ``[start, stop)`` for a row chunk of an elementwise method)."""
         ckpt, tname = self.inputs[0]
         first = ckpt.read(tname, self.rows)
         work = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -287,24 +302,35 @@ class _TensorTask:
         base = (
             self.base[0].read(self.base[1], self.rows).to(work) if self.base is not None else None
         )
+        if device is not None and device.type != "cpu":
+            stacked = stacked.to(device)
+            base = base.to(device) if base is not None else None
         return stacked, base
 
-    def run(self, context: dict[str, Any]) -> torch.Tensor:
-        stacked, base = self.load()
+    def run(self, run: _Run) -> torch.Tensor:
+        stacked, base = self.load(run.device)
         return _call(
             self.method,
             stacked,
             base,
-            self.per_model,
-            {**self.global_, **context},
+            _on(self.per_model, stacked.device),
+            {**self.global_, **run.context},
             self.seed,
             self.name,
         )
 
-    def collect(self) -> torch.Tensor:
+    def collect(self, device: torch.device | None = None) -> torch.Tensor:
         assert self.method.whole_model is not None
-        stacked, base = self.load()
-        return self.method.whole_model.collect(stacked, base, **self.per_model, **self.global_)
+        stacked, base = self.load(device)
+        per_model = _on(self.per_model, stacked.device)
+        return self.method.whole_model.collect(stacked, base, **per_model, **self.global_).cpu()
+
+
+def _on(params: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-model parameters on the device the tensors are on."""
+    if device.type == "cpu":
+        return params
+    return {k: v.to(device) for k, v in params.items()}
 
 
 def _call(
@@ -428,7 +454,7 @@ def plan_merge(
 
     jobs: list[Job] = []
     tasks: list[_TensorTask] = []
-    context: dict[str, Any] = {}
+    run = _Run()
     probed: dict[tuple[Any, ...], str | None] = {}
     copied: list[tuple[str, TensorInfo]] = []
     for out_name, sl, layer, key in items:
@@ -489,7 +515,7 @@ def plan_merge(
                     dtype=dtype,
                     read_bytes=int(sum(i.nbytes for i in infos) * part),
                     work_bytes=int(4 * ref_info.numel * part) * (2 * n_in + 2),
-                    compute=_bind(task, context),
+                    compute=_bind(task, run),
                     rows=rows,
                 )
             )
@@ -525,7 +551,7 @@ def plan_merge(
         out_config=out_config,
         problems=planner.problems,
         tasks=tasks,
-        context=context,
+        run=run,
         inputs=list(planner._open.values()),
     )
 
@@ -572,8 +598,8 @@ def _donor(names: list[tuple[Checkpoint, str]], has_base: bool) -> int | None:
     return None if ckpt.tensors[tname].is_float else first
 
 
-def _bind(task: _TensorTask, context: dict[str, Any]) -> Callable[[], torch.Tensor]:
-    return lambda: task.run(context)
+def _bind(task: _TensorTask, run: _Run) -> Callable[[], torch.Tensor]:
+    return lambda: task.run(run)
 
 
 def _copy_job(
@@ -611,6 +637,18 @@ def _tokenizer_source(planner: _Planner, cfg: MergeConfig, reference: Checkpoint
     return planner.checkpoint(str(source))
 
 
+def _device(spec: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {spec!r} (examples: cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {spec!r}: only cpu and cuda are supported")
+    return device
+
+
 def _tokenizer_files(ckpt: Checkpoint) -> list[Path]:
     return [p for p in ckpt.side_files() if p.name.startswith(_TOKENIZER_FILES)]
 
@@ -625,9 +663,14 @@ def merge(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     random_seed: int | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> MergePlan:
-    """Plan, validate and (unless ``dry_run``) run a merge into the folder ``out``."""
+    """Plan, validate and (unless ``dry_run``) run a merge into the folder ``out``.
+
+    ``device`` is where the methods compute (e.g. ``"cuda"``); reading, writing and random
+    draws stay on the CPU, so the output does not depend on it beyond float rounding."""
     plan = plan_merge(config, random_seed=random_seed)
+    plan.run.device = _device(device)
     out_path = Path(out).expanduser().absolute()
     try:
         check_output_path(out_path, overwrite)

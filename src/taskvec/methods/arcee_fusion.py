@@ -15,7 +15,8 @@ def _quantiles(x: torch.Tensor, qs: list[float], generator: torch.Generator) -> 
     replacement (exact for smaller tensors)."""
     flat = x.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
-        flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator)]
+        picks = torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator)
+        flat = flat[picks.to(flat.device)]
     ordered = flat.sort().values
     return [float(ordered[int(q * (ordered.numel() - 1))]) for q in qs]
 

@@ -27,7 +27,7 @@ def model_stock(tensors: torch.Tensor, base: torch.Tensor, *, filter_wise: bool)
     deltas = tensors.reshape(n, *rows.shape).sub_(rows)  # the call's own buffer
     gram = torch.einsum("ird,jrd->rij", deltas, deltas)  # (rows, N, N) inner products
     norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
-    pairs = torch.triu_indices(n, n, offset=1)
+    pairs = torch.triu_indices(n, n, offset=1, device=gram.device)
     dots = gram[:, pairs[0], pairs[1]]
     scale = (norms[:, pairs[0]] * norms[:, pairs[1]]).clamp(min=1e-6)
     cos = (dots / scale).clamp(-1, 1).mean(-1, keepdim=True)

@@ -88,12 +88,12 @@ def rank_window(delta: torch.Tensor, start: int, stop: int) -> Window:
     flat = delta.reshape(-1)
     n = flat.numel()
     start, stop = max(0, start), min(n, stop)
-    nothing = torch.zeros(0, dtype=torch.long)
+    nothing = torch.zeros(0, dtype=torch.long, device=flat.device)
     if start >= stop:
         return Window(math.inf, -math.inf, nothing)
     if start == 0 and stop == n:
         return Window(0.0, math.inf, nothing)
-    counts = torch.zeros(_MAGNITUDE_BINS, dtype=torch.long)
+    counts = torch.zeros(_MAGNITUDE_BINS, dtype=torch.long, device=flat.device)
     for chunk in flat.split(_SCAN):
         counts += torch.bincount(_magnitude_keys(chunk), minlength=_MAGNITUDE_BINS)
     above = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])
@@ -117,7 +117,7 @@ def rank_window(delta: torch.Tensor, start: int, stop: int) -> Window:
     val, pos = ranked.values, pos[ranked.indices]
     # entries in a higher bin come first; the collected bins are ranked from there on
     first = int(above[max(bins) + 1])
-    ranks = torch.arange(first, first + val.numel())
+    ranks = torch.arange(first, first + val.numel(), device=val.device)
     if len(bins) == 2:  # the lower bin's entries rank after everything above that bin
         low = int((_magnitude_keys(val) > min(bins)).sum())
         ranks[low:] += int(above[min(bins) + 1]) - (first + low)
@@ -245,6 +245,11 @@ def _check_mode(mode: str | None) -> None:
         raise ConfigError(f"rescale must be true, false, 'l1' or 'expectation', got {mode!r}")
 
 
+def _uniform(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """U(0, 1) draws shaped like ``like``, drawn on the CPU (the same on every device)."""
+    return torch.rand(like.shape, generator=generator).to(like.device)
+
+
 def random_drop(
     delta: torch.Tensor, density: float, rescale: str | None, generator: torch.Generator
 ) -> torch.Tensor:
@@ -259,7 +264,7 @@ def random_drop(
         return delta.zero_()
     before = _l1(delta) if rescale == "l1" else 0.0
     for chunk in delta.view(-1).split(_SCAN):
-        chunk.mul_(torch.rand(chunk.shape, generator=generator) < density)
+        chunk.mul_(_uniform(chunk, generator) < density)
     if rescale == "expectation":
         return delta.div_(density)
     return _match_l1(delta, before) if rescale == "l1" else delta
@@ -285,7 +290,7 @@ def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
     keys = magnitude.view(torch.int32) if magnitude.dtype == torch.float32 else magnitude
     order = keys.argsort(dim=1, stable=True)  # float32 ≥ 0 sorts like its bits, and faster
     ranks = torch.empty_like(magnitude)
-    steps = torch.arange(cols, dtype=magnitude.dtype) / (cols - 1)
+    steps = torch.arange(cols, dtype=magnitude.dtype, device=magnitude.device) / (cols - 1)
     return ranks.scatter_(1, order, steps.expand(rows, cols))
 
 
@@ -315,7 +320,7 @@ def della_magprune(
     step = max(1, _SCAN // rows.shape[1])
     for block in rows.split(step):
         prob = row_rank_fraction(block.abs()).mul_(2 * epsilon).add_(density - epsilon)
-        block.mul_(torch.rand(block.shape, generator=generator) < prob)
+        block.mul_(_uniform(block, generator) < prob)
         if rescale == "expectation":
             block.div_(prob)
     return _match_l1(delta, before) if rescale == "l1" else delta

@@ -62,7 +62,7 @@ def combine(
     if windows is not None:
         for row, window in zip(flat, windows, strict=True):
             row[window.drop] = 0  # ties outside the window; now below lo (or zero anyway)
-        keep = _Keep(windows, deltas.dtype)
+        keep = _Keep(windows, deltas)
     total = float(w.sum())
     divisor = total if normalize and abs(total) >= 1e-8 else 1.0
     alphas = [scale * wi / divisor for wi in w.tolist()]
@@ -85,9 +85,9 @@ class _Keep:
     """Zeroes, in place, the entries of a block outside each model's ``[lo, hi]`` magnitudes
     (testing only the bounds some model actually has)."""
 
-    def __init__(self, windows: list[sp.Window], dtype: torch.dtype):
-        self.lo = torch.tensor([w.lo for w in windows], dtype=dtype).unsqueeze(1)
-        self.hi = torch.tensor([w.hi for w in windows], dtype=dtype).unsqueeze(1)
+    def __init__(self, windows: list[sp.Window], like: torch.Tensor):
+        self.lo = like.new_tensor([w.lo for w in windows]).unsqueeze(1)
+        self.hi = like.new_tensor([w.hi for w in windows]).unsqueeze(1)
         self.test_lo = any(w.lo > 0 for w in windows)
         self.test_hi = any(w.hi < math.inf for w in windows)
 
