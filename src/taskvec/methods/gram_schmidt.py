@@ -60,5 +60,6 @@ def gram_schmidt(
     **params: float,
 ) -> torch.Tensor:
     """θ = θ₀ + λ Σₖ wₖ τ'ₖ with τ'ₖ the whole-model Gram-Schmidt orthogonalised τₖ."""
-    mix = (coefficients @ weight.double()).to(tensors.dtype)  # Σₖ wₖ Aⱼₖ per input j
-    return base + params["lambda"] * weighted_sum(tensors - base, mix)
+    mix = coefficients.to(weight) @ weight.double()  # Σₖ wₖ Aⱼₖ per input j
+    delta = weighted_sum(tensors.sub_(base), mix.to(tensors.dtype), in_place=True)
+    return delta.mul_(params["lambda"]).add_(base)
