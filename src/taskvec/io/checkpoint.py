@@ -16,6 +16,7 @@ Pickled checkpoints go through ``torch.load(weights_only=True, mmap=True)``.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
@@ -67,6 +68,18 @@ class _TensorFile(Protocol):
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
 
     def metadata(self) -> dict[str, str]: ...
+
+
+_MAP_AT_LEAST = 1 << 20
+
+
+def _mapped(fd: int, start: int, length: int) -> torch.Tensor:
+    """``length`` bytes of the file from ``start``, memory-mapped copy-on-write: the page
+    cache's pages themselves, no copy (writing to the tensor copies the page, never the file).
+    The mapping lives as long as the tensor."""
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    region = mmap.mmap(fd, length + start - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    return torch.frombuffer(region, dtype=torch.uint8, offset=start - aligned, count=length)
 
 
 class SafetensorsFile:
@@ -142,9 +155,12 @@ class SafetensorsFile:
             shape = (rows[1] - rows[0], *shape[1:])
         if end == begin:
             return torch.empty(shape, dtype=info.dtype)
+        fd = self._descriptor()
+        if end - begin >= _MAP_AT_LEAST:
+            raw = _mapped(fd, self._data_start + begin, end - begin)
+            return raw.view(info.dtype).reshape(shape)
         out = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray
         view = memoryview(out.numpy())
-        fd = self._descriptor()
         pos, offset = 0, self._data_start + begin
         while pos < len(view):
             got = os.preadv(fd, [view[pos:]], offset + pos)
