@@ -16,6 +16,45 @@ _BASE = {
 }
 
 
+# Where taskvec's defaults stand relative to mergekit 0.1.5 and to each method's paper.
+VERSUS: dict[str, tuple[str, str]] = {
+    "linear": ("same", "same (uniform soup = equal weights)"),
+    "task_arithmetic": ("same", "the paper picks λ on validation data; default λ = 1"),
+    "ties": (
+        "same (weights before the sign vote, per-tensor trim, normalize true)",
+        "`elect: unweighted`, `trim_scope: model`; the paper uses density 0.2, λ in [0.8, 2.5]",
+    ),
+    "dare_linear": ("same (L1 rescale)", "1/p rescale: `rescale: expectation`"),
+    "dare_ties": ("same (L1 rescale)", "1/p rescale: `rescale: expectation`"),
+    "breadcrumbs": (
+        "same as 0.1.5; γ = 0 keeps the top-k where 0.1.4 zeroed everything",
+        "(β, γ) of the paper = (`gamma`, 1 − β − γ as `density`)",
+    ),
+    "breadcrumbs_ties": ("same", "the paper has no sign consensus: use `breadcrumbs`"),
+    "della": ("same (L1 rescale)", "1/pᵢ rescale: `rescale: expectation`"),
+    "della_linear": ("same (L1 rescale)", "1/pᵢ rescale: `rescale: expectation`"),
+    "arcee_fusion": ("same formula; the quantile sample is seeded", "no paper"),
+    "model_stock": ("same", "same (per tensor; `filter_wise` per row)"),
+    "sce": ("same", "same"),
+    "ram": ("same", "same"),
+    "ramplus_tl": ("same", "same"),
+    "slerp": ("same", "Shoemake's formula; linear when nearly colinear"),
+    "nuslerp": ("same", "mergekit's method"),
+    "multislerp": ("same", "mergekit's method"),
+    "karcher": ("same", "same fixed-point iteration; 10 steps by default"),
+    "nearswap": ("same", "mergekit's method"),
+    "passthrough": ("same", "layer stacking via `slices`"),
+    "consensus": ("not in mergekit", "k = 2 as in the paper; λₜ = 0.6 (tuned there per task)"),
+    "magmax": ("not in mergekit", "same (max-magnitude per entry)"),
+    "pcb": ("not in mergekit", "same; the paper tunes ratio and λ on validation"),
+    "gram_schmidt": ("not in mergekit", "seed 000 §9.2: whole-model Gram-Schmidt, then sum"),
+    "tsv": ("not in mergekit", "α = 1 (the paper picks α on validation)"),
+    "iso_c": ("not in mergekit", "α = 1 (the paper picks α on validation)"),
+    "iso_cts": ("not in mergekit", "α = 1, common space fraction 0.8 as in the paper"),
+    "wudi": ("not in mergekit", "Adam, lr 1e-5, 300 steps as the reference code"),
+}
+
+
 def _value(v: Any) -> str:
     return "required" if v is REQUIRED else repr(v)
 
@@ -60,5 +99,8 @@ def method_reference() -> str:
             out.append("- needs a streamed whole-model first pass (when its options ask for it)")
         if m.elementwise:
             out.append("- elementwise: large tensors are processed in row blocks")
+        if name in VERSUS:
+            vs_mergekit, vs_paper = VERSUS[name]
+            out.append(f"- versus mergekit 0.1.5: {vs_mergekit}; versus the paper: {vs_paper}")
         out += [f"- reference: {m.reference}", ""]
     return "\n".join(out)
