@@ -44,7 +44,7 @@ def _common(fn: F) -> F:
             type=click.Choice(sorted(PRESETS)),
             default="full",
             show_default=True,
-            help="Which preset: full (7 tasks, 200 steps) or lite (the demo's 3 tasks).",
+            help="Which preset: full (7 candidate tasks, 200 steps) or lite (the demo's 3 tasks).",
         ),
         click.option(
             "--cache-dir",

@@ -89,7 +89,7 @@ FULL = BenchConfig(
     name="full",
     tasks=("mr", "hedge", "spam", "wordnet", "brown", "fortunes", "dutch"),
     # multiples of 24 (2, 6 and 8 classes) keep every prefix balanced; one merged model is
-    # scored on 7 x 480 test examples in about a minute on one busy core
+    # scored on 6-7 x 480 test examples: about a minute on an idle core
     test_size=480,
     val_size=144,
     min_tasks=6,

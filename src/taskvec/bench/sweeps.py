@@ -60,7 +60,7 @@ def _lam(*values: float) -> dict[str, tuple[float, ...]]:
     return {"lambda": values}
 
 
-UNSCALED = (0.2, 0.3, 0.5)  # λ for sums of task vectors (7 experts; task arithmetic peaks ~0.3)
+UNSCALED = (0.2, 0.3, 0.5)  # λ for sums of task vectors (6-7 experts; TA peaks ~0.3)
 SCALED = (0.5, 1.0, 1.5)  # λ for methods that average the task vectors they keep
 BREADCRUMBS = {"density": 0.89, "gamma": 0.01}  # the paper's β = 1 % outliers, γ = 10 % small
 
@@ -188,7 +188,7 @@ def _fmt(params: Mapping[str, Any], grid: Mapping[str, Any]) -> str:
 
 # --- negation ----------------------------------------------------------------------------------
 
-NEGATION_LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
+NEGATION_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)
 CONTROL_RATIO = 0.95
 
 
