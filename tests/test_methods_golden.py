@@ -347,6 +347,11 @@ COVERED = {
     "magmax",
     "pcb",
     "arcee_fusion",
+    # golden tests in test_methods_spectral.py and test_methods_wudi.py
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "wudi",
 }
 
 
