@@ -440,7 +440,14 @@ from taskvec.bench.encoder import idle_cores  # noqa: E402
 from taskvec.bench.harness import Bench  # noqa: E402
 from taskvec.bench.probe import ProbeResult  # noqa: E402
 from taskvec.bench.suite import run_suite  # noqa: E402
-from taskvec.bench.sweeps import Sweep, available, negate, run_sweep  # noqa: E402
+from taskvec.bench.sweeps import (  # noqa: E402
+    MAX_EXTENSIONS,
+    Sweep,
+    available,
+    extend_grid,
+    negate,
+    run_sweep,
+)
 
 
 def _toy_config(tasks: tuple[str, ...], **kw: object) -> BenchConfig:
@@ -570,15 +577,24 @@ def test_sweep_chooses_on_validation_and_scores_test_once(
         return real_run(self, config, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Bench, "run", spy)
-    sweep = Sweep("ta", "task_arithmetic", {"normalize": False}, {"lambda": (0.0, 0.5, 1.0)})
+    sweep = Sweep("ta", "task_arithmetic", {"normalize": False}, {"lambda": (1.0, 0.0, 0.5)})
     outcome = run_sweep(toy_bench, sweep)
-    assert splits == ["validation"] * 3 + ["test"]
+    n = len(outcome.validation)
+    assert splits == ["validation"] * n + ["test"] and 3 <= n <= 3 + MAX_EXTENSIONS
+    values = [p["lambda"] for p in outcome.points]
+    assert values == sorted(values) and {0.0, 0.5, 1.0} <= set(values)
     scores = [r.normalized for r in outcome.validation]
-    assert outcome.chosen["lambda"] == (0.0, 0.5, 1.0)[scores.index(max(scores))]
+    best = scores.index(max(scores))
+    assert outcome.chosen["lambda"] == values[best]
+    # never chosen at an edge that could be extended
+    assert 0 < best < n - 1 or values[best] == 0.0 or n == 3 + MAX_EXTENSIONS
     entry = outcome.to_json()
     assert entry["parameters"] == {"normalize": False, "lambda": outcome.chosen["lambda"]}
     assert {"method", "parameters", "acc", "avg", "normalized", "seconds"} <= set(entry)
-    assert len(entry["selection"]["validation"]) == 3
+    assert (
+        len(entry["selection"]["validation"]) == n
+        and entry["selection"]["grid"]["lambda"] == values
+    )
     assert entry["normalized"] == pytest.approx(outcome.test.normalized, abs=1e-4)
     assert Sweep("x", "linear").points() == [{}]
 
@@ -612,7 +628,10 @@ def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_pat
         "future (no method 'not_landed_yet' yet)"
     ]
     entry = saved["merges"]["ta"]
-    assert set(entry["acc"]) == {"toy", "toy2"} and entry["parameters"]["lambda"] in (0.3, 1.0)
+    assert (
+        set(entry["acc"]) == {"toy", "toy2"}
+        and entry["parameters"]["lambda"] in entry["selection"]["grid"]["lambda"]
+    )
     assert entry["avg"] == pytest.approx(sum(entry["acc"].values()) / 2, abs=1e-3)
     assert set(saved["negation"]) >= {"toy", "toy2", "protocol"}
     assert set(saved["expert_check"]) == {"toy", "toy2"}
@@ -624,6 +643,14 @@ def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_pat
         toy_bench, out, sweeps=sweeps[:1], negation=False, update=True, echo=lambda s: None
     )
     assert set(again["merges"]) == {"linear (average)", "ta"} and "negation" in again
+
+
+def test_grids_extend_past_an_edge_winner() -> None:
+    assert extend_grid([0.2, 0.3, 0.5], 2) == 0.7
+    assert extend_grid([0.2, 0.3, 0.5], 0) == 0.1
+    assert extend_grid([0.1, 0.3], 0) == 0.05  # halves toward 0 instead of reaching it
+    assert extend_grid([0.2, 0.3, 0.5], 1) is None and extend_grid([0.5], 0) is None
+    assert extend_grid([0.0, 0.5], 0) is None
 
 
 def test_available_skips_methods_not_registered() -> None:

@@ -93,8 +93,9 @@ SWEEPS: tuple[Sweep, ...] = (
 nearswap, arcee_fusion, passthrough) have no row: the benchmark merges all its experts at once."""
 
 SELECTION_RULE = (
-    "highest mean normalised accuracy on the validation split over the grid "
-    "(ties: the earlier grid point); test is scored once, for the chosen point"
+    "highest mean normalised accuracy on the validation split over the grid (ties: the smaller "
+    "value); a one-parameter grid whose best point is at an edge is extended past it (up to 4 "
+    "steps); test is scored once, for the chosen point"
 )
 
 
@@ -125,6 +126,7 @@ class SweepOutcome:
     validation: list[Run]  # one per grid point (empty when there is no grid)
     chosen: dict[str, Any]
     test: Run
+    points: list[dict[str, Any]] = field(default_factory=list)  # the grid as evaluated
 
     def to_json(self) -> dict[str, Any]:
         """The results-JSON entry: the issue's keys, then extras (standard errors, selection)."""
@@ -142,35 +144,78 @@ class SweepOutcome:
             "eval_seconds": round(t.eval_seconds, 1),
             "selection": {
                 "rule": SELECTION_RULE if self.validation else "no coefficient to choose",
-                "grid": {k: list(v) for k, v in self.sweep.grid.items()},
+                "grid": {k: [p[k] for p in self.points] for k in self.sweep.grid},
+                "extended": any(p not in self.sweep.points() for p in self.points),
                 "validation": [
                     {
-                        "parameters": {k: r.parameters.get(k) for k in self.sweep.grid},
+                        "parameters": {k: p[k] for k in self.sweep.grid},
                         "normalized": round(r.normalized, 4),
                         "avg": round(r.result.average, 4),
                     }
-                    for r in self.validation
+                    for p, r in zip(self.points, self.validation, strict=True)
                 ],
             },
         }
 
 
+MAX_EXTENSIONS = 4
+
+
+def extend_grid(values: Sequence[float], best: int) -> float | None:
+    """The next value past the edge of a sorted numeric grid whose ``best`` is at that edge:
+    one more step of the last spacing above the top, one below the bottom (halving toward 0
+    instead of reaching it); None when ``best`` is inside the grid or the bottom is 0."""
+    if len(values) < 2 or 0 < best < len(values) - 1:
+        return None
+    if best == len(values) - 1:
+        return round(values[-1] + (values[-1] - values[-2]), 6)
+    if values[0] <= 0:
+        return None
+    lower = values[0] - (values[1] - values[0])
+    return round(lower if lower > 0 else values[0] / 2, 6)
+
+
 def run_sweep(
     bench: Bench, sweep: Sweep, *, echo: Callable[[str], None] = lambda s: None
 ) -> SweepOutcome:
-    """Choose ``sweep``'s grid point on validation, then score it on test."""
-    points = sweep.points()
-    validation: list[Run] = []
-    if sweep.grid:
-        for p in points:
+    """Choose ``sweep``'s grid point on validation, then score it on test.
+
+    A one-parameter numeric grid whose best point is at an edge is extended past that edge
+    (:func:`extend_grid`, at most :data:`MAX_EXTENSIONS` times), so the choice is never an
+    artefact of where the grid stopped."""
+    runs: dict[Any, Run] = {}
+
+    def score(p: dict[str, Any]) -> Run:
+        key = tuple(sorted((k, p[k]) for k in sweep.grid))
+        if key not in runs:
             run = bench.run(sweep.config(p), split="validation", label=f"{sweep.label} {p}")
-            validation.append(run)
+            runs[key] = run
             echo(
                 f"    {sweep.label} {_fmt(p, sweep.grid)}: validation normalised "
                 f"{run.normalized:.4f} ({run.merge_seconds:.0f} s merge, "
                 f"{run.eval_seconds:.0f} s eval)"
             )
-        best = max(range(len(points)), key=lambda i: (validation[i].normalized, -i))
+        return runs[key]
+
+    points = sweep.points()
+    validation: list[Run] = []
+    if sweep.grid:
+        key = next(iter(sweep.grid))
+        numeric = len(sweep.grid) == 1 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in sweep.grid[key]
+        )
+        if numeric:
+            points.sort(key=lambda p: p[key])
+        for _ in range(MAX_EXTENSIONS + 1):
+            validation = [score(p) for p in points]
+            best = max(range(len(points)), key=lambda i: (validation[i].normalized, -i))
+            nxt = extend_grid([p[key] for p in points], best) if numeric else None
+            if nxt is None:
+                break
+            points.insert(0 if best == 0 else len(points), {**points[best], key: nxt})
+        else:
+            validation = [score(p) for p in points]
+            best = max(range(len(points)), key=lambda i: (validation[i].normalized, -i))
         chosen = points[best]
     else:
         chosen = points[0]
@@ -179,7 +224,7 @@ def run_sweep(
         f"  {sweep.label} {_fmt(chosen, sweep.grid)}: test normalised {test.normalized:.4f} "
         f"± {test.normalized_stderr:.4f}, avg {100 * test.result.average:.1f}"
     )
-    return SweepOutcome(sweep, validation, chosen, test)
+    return SweepOutcome(sweep, validation, chosen, test, points if sweep.grid else [])
 
 
 def _fmt(params: Mapping[str, Any], grid: Mapping[str, Any]) -> str:
