@@ -123,6 +123,19 @@ def merge(
     click.echo("OK: no problems found (nothing was written)")
 
 
+def _save_options(
+    dtype: str | None, shard_size: str, threads: int | None, overwrite: bool, no_progress: bool
+) -> dict[str, Any]:
+    """The keyword arguments of ``save`` from the shared output options."""
+    return {
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "threads": threads,
+        "overwrite": overwrite,
+        "progress": not no_progress,
+    }
+
+
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("finetuned", type=click.Path(path_type=Path))
@@ -145,14 +158,7 @@ def diff(
 ) -> None:
     """Extract the task vector FINETUNED − BASE into OUT."""
     tau = load_model(finetuned) - load_model(base)
-    tau.save(
-        out,
-        dtype=dtype,
-        shard_size=shard_size,
-        threads=threads,
-        overwrite=overwrite,
-        progress=not no_progress,
-    )
+    tau.save(out, **_save_options(dtype, shard_size, threads, overwrite, no_progress))
     click.echo(f"saved task vector ({len(tau.names)} tensors) to {out}")
 
 
@@ -205,14 +211,7 @@ def apply_cmd(
             )
         taus.append(loaded)
     model = apply(load_model(base), taus, scale)
-    model.save(
-        out,
-        dtype=dtype,
-        shard_size=shard_size,
-        threads=threads,
-        overwrite=overwrite,
-        progress=not no_progress,
-    )
+    model.save(out, **_save_options(dtype, shard_size, threads, overwrite, no_progress))
     click.echo(f"saved {base} + {scale:g}·Σ({len(taus)} task vectors) to {out}")
 
 
