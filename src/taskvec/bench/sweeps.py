@@ -33,6 +33,7 @@ class Sweep:
     method: str
     parameters: Mapping[str, Any] = field(default_factory=dict)
     grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    extend: bool = True  # False for a parameter with a hard range (e.g. a fraction in (0, 1])
 
     def points(self) -> list[dict[str, Any]]:
         """Every parameter set of the grid (the fixed parameters included), in grid order."""
@@ -84,7 +85,7 @@ SWEEPS: tuple[Sweep, ...] = (
     Sweep("ramplus_tl", "ramplus_tl"),
     Sweep("karcher", "karcher"),
     Sweep("multislerp", "multislerp"),
-    Sweep("sce", "sce", grid={"select_topk": (0.1, 1.0)}),
+    Sweep("sce", "sce", grid={"select_topk": (0.1, 1.0)}, extend=False),
     Sweep("dare_linear", "dare_linear", {"density": 0.3}, _lam(*UNSCALED)),
     Sweep("breadcrumbs_ties", "breadcrumbs_ties", BREADCRUMBS, _lam(*UNSCALED)),
     Sweep("della_linear", "della_linear", {"density": 0.4, "epsilon": 0.1}, _lam(*UNSCALED)),
@@ -201,8 +202,10 @@ def run_sweep(
     validation: list[Run] = []
     if sweep.grid:
         key = next(iter(sweep.grid))
-        numeric = len(sweep.grid) == 1 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in sweep.grid[key]
+        numeric = (
+            sweep.extend
+            and len(sweep.grid) == 1
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in sweep.grid[key])
         )
         if numeric:
             points.sort(key=lambda p: p[key])
