@@ -179,10 +179,10 @@ def chart(data: Mapping[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
     ax.barh(labels, values, xerr=errors, color=colors, capsize=2)
     lo = min(v - e for v, e in zip(values, errors, strict=True))
-    ax.set_xlim(max(0.0, math.floor(lo * 20) / 20 - 0.05), 1.02)
+    ax.set_xlim(max(0.0, math.floor(lo * 20) / 20 - 0.05), 1.05)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    for y, v in enumerate(values):
-        ax.text(v + 0.003, y, f"{v:.3f}", va="center", fontsize=7)
+    for y, (v, e) in enumerate(zip(values, errors, strict=True)):
+        ax.text(v + e + 0.004, y, f"{v:.3f}", va="center", fontsize=7)
     ax.set_xlabel("normalised accuracy (merged ÷ expert, mean over tasks), ± 1 s.e.")
     ax.set_title(
         f"{data['benchmark']}: {len(data['tasks'])} MiniLM experts merged "
