@@ -563,7 +563,8 @@ def test_run_scores_a_merge_and_caches_it(
         raise AssertionError("merged a cached config again")
 
     monkeypatch.setattr(Bench, "merge", no_merge)
-    assert b.run(zero, split="validation").result == run.result
+    again = b.run(zero, split="validation")
+    assert again.result == run.result and again.cached and not run.cached
 
 
 def test_sweep_chooses_on_validation_and_scores_test_once(

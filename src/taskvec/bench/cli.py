@@ -153,7 +153,8 @@ def eval_cmd(
         }
         click.echo(
             f"{path.stem}: merged in {run.merge_seconds:.1f} s, scored in "
-            f"{run.eval_seconds:.1f} s (0 s: cached)"
+            f"{run.eval_seconds:.1f} s"
+            + (" (an earlier run, from the cache)" if run.cached else "")
         )
     click.echo(format_table(rows, reference, b.tasks))
     click.echo(f"{split} accuracy in %; normalised = mean of accuracy ÷ the expert's.")

@@ -56,6 +56,7 @@ class Run:
     reference: EvalResult  # the experts on their own tasks, same split
     merge_seconds: float
     eval_seconds: float
+    cached: bool = False  # the scores (and timings) come from an earlier run of this config
 
     @property
     def normalized(self) -> float:
@@ -212,7 +213,15 @@ class Bench:
             d = json.loads(path.read_text())
             result = EvalResult.from_json(d["scores"])
             return Run(
-                label, method, params, split, result, reference, d["merge_seconds"], d["eval"]
+                label,
+                method,
+                params,
+                split,
+                result,
+                reference,
+                d["merge_seconds"],
+                d["eval"],
+                cached=True,
             )
         out = keep or self.scratch / f"run-{os.getpid()}"
         try:
