@@ -108,7 +108,10 @@ def multislerp(
     eps: float,
 ) -> torch.Tensor:
     """uᵢ = xᵢ/‖xᵢ‖, m = normalize(Σ wᵢuᵢ), T = Σ wᵢ(uᵢ − (uᵢ·m)m);
-    θ = (m cos‖T‖ + T sin‖T‖/‖T‖) · Σ wᵢ‖xᵢ‖  (xᵢ = τᵢ and θ₀ added when a base is given)."""
+    θ = (m cos‖T‖ + T sin‖T‖/‖T‖) · Σ wᵢ‖xᵢ‖  (xᵢ = τᵢ and θ₀ added when a base is given).
+
+    Inputs that are all zero (a tensor no model changed) give zero, where mergekit raises;
+    directions that cancel out (a, −a with equal weights) are an error, as in mergekit."""
     if tensors.shape[0] == 1:
         return tensors[0]
     x = tensors - base if base is not None else tensors
@@ -116,6 +119,8 @@ def multislerp(
     units, norms = _unit(x, eps)
     mean = (units * w.unsqueeze(1)).sum(0)
     mean_norm = float(mean.norm())
+    if float(norms.max()) < eps:  # nothing moved (e.g. a frozen tensor): θ = θ₀ (or 0)
+        return x[0].zero_() if base is None else base
     if mean_norm < eps:
         if x.shape[0] == 2:
             out = x[0] * w[0] + x[1] * w[1]

@@ -19,11 +19,11 @@ def weighted_sum(
     return out
 
 
-def _divide_by_total(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _total(weight: torch.Tensor) -> float:
     total = float(weight.sum())
     if total == 0.0:
         raise NumericError("weights sum to zero, so they cannot be normalized (normalize: false?)")
-    return x.div_(total)
+    return total
 
 
 @merge_method(
@@ -46,7 +46,7 @@ def linear(
     an error (mergekit divides by zero).
     """
     out = weighted_sum(tensors, weight, in_place=True)  # tensors is the call's own buffer
-    return _divide_by_total(out, weight) if normalize else out
+    return out.div_(_total(weight)) if normalize else out
 
 
 @merge_method(
@@ -76,7 +76,8 @@ def task_arithmetic(
     generalized task arithmetic without sparsification): use ties, dare_linear or breadcrumbs
     to sparsify.
     """
-    delta = weighted_sum(tensors.sub_(base), weight, in_place=True)  # the call's own buffer
-    if normalize:
-        delta = _divide_by_total(delta, weight)
-    return delta.mul_(params["lambda"]).add_(base)
+    scale = params["lambda"] / (_total(weight) if normalize else 1.0)
+    coefficients = weight.double() * scale
+    # = θ₀ + Σᵢ cᵢ(θᵢ − θ₀) with cᵢ = λwᵢ (/Σw), as (1 − Σcᵢ)θ₀ + Σcᵢθᵢ: four passes, not eight
+    merged = weighted_sum(tensors, coefficients, in_place=True)  # the call's own buffer
+    return merged.add_(base, alpha=1.0 - float(coefficients.sum()))

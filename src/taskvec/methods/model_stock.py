@@ -34,4 +34,7 @@ def model_stock(tensors: torch.Tensor, base: torch.Tensor, *, filter_wise: bool)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
-    return deltas.mean(0).mul_(t).add_(rows).reshape(shape)
+    total = deltas[0]  # Σ τᵢ accumulated in place (a contiguous add beats a strided mean)
+    for delta in deltas[1:]:
+        total.add_(delta)
+    return total.mul_(t / n).add_(rows).reshape(shape)

@@ -40,7 +40,7 @@ VERSUS: dict[str, tuple[str, str]] = {
     "ramplus_tl": ("same", "same"),
     "slerp": ("same", "Shoemake's formula; linear when nearly colinear"),
     "nuslerp": ("same", "mergekit's method"),
-    "multislerp": ("same", "mergekit's method"),
+    "multislerp": ("same, but all-zero inputs give zero where mergekit raises", "mergekit's"),
     "karcher": ("same", "same fixed-point iteration; 10 steps by default"),
     "nearswap": ("same", "mergekit's method"),
     "passthrough": ("same", "layer stacking via `slices`"),
