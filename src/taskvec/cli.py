@@ -4,46 +4,24 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from taskvec.algebra import Model, TaskVector, apply, load, load_model
+from taskvec.cli_errors import friendly
 from taskvec.engine import default_threads, planned_tensors
-from taskvec.errors import CheckpointError, TaskvecError
+from taskvec.errors import CheckpointError
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.dtypes import dtype_name
 from taskvec.io.writer import DEFAULT_SHARD_SIZE
 from taskvec.merge import merge as run_merge
 
-F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("taskvec")
 
 
-def _friendly(fn: F) -> F:
-    """Turn every expected failure into one line on stderr and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TaskvecError as e:
-            click.echo(f"taskvec: error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("taskvec: interrupted; nothing was written", err=True)
-            sys.exit(130)
-        except MemoryError:
-            click.echo("taskvec: error: out of memory (try --threads 1)", err=True)
-            sys.exit(1)
-        except OSError as e:
-            click.echo(f"taskvec: error: {e.filename or ''}: {e.strerror or e}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
+_friendly = friendly()
 
 
 _threads = click.option(

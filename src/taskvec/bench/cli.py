@@ -7,33 +7,19 @@ Thin commands over :mod:`~taskvec.bench.build`, :mod:`~taskvec.bench.harness`,
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from taskvec.bench.config import PRESETS
-from taskvec.errors import TaskvecError
+from taskvec.cli_errors import friendly
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _friendly(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TaskvecError as e:
-            click.echo(f"taskvec: error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("taskvec: interrupted; finished steps are cached", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
+_friendly = friendly("finished steps are cached")
 
 
 def _common(fn: F) -> F:
