@@ -214,3 +214,19 @@ def no_leftovers() -> Iterator[Callable[[Path], None]]:
         assert not leftovers, f"temporary folders left behind: {leftovers}"
 
     yield check
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (torch, and numpy's BLAS where threadpoolctl is there): fastest for
+    small matrices, and steady on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(before)
