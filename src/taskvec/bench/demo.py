@@ -19,15 +19,15 @@ from typing import Any
 
 import click
 
+from taskvec.bench.build import make_evaluator
 from taskvec.bench.config import LITE, BenchConfig
 from taskvec.bench.encoder import (
     Head,
     base_model_path,
     load_encoder,
-    load_tokenizer,
     set_threads,
 )
-from taskvec.bench.evaluate import EvalResult, Evaluator, combine
+from taskvec.bench.evaluate import EvalResult, combine
 from taskvec.bench.finetune import Expert, build_experts
 from taskvec.bench.probe import linear_probe, probe_results
 from taskvec.bench.sources import cache_dir
@@ -114,16 +114,7 @@ def run_demo(
             f"{t} ({e.meta['train_seconds']:.0f} s of training)" for t, e in experts.items()
         )
     )
-    evaluator = Evaluator(
-        data,
-        load_tokenizer(base),
-        base,
-        max_len=config.train.max_len,
-        sizes={"test": config.test_size, "validation": config.val_size},
-        batch_size=config.eval_batch_size,
-        cache=root / "evals",
-        progress=progress,
-    )
+    evaluator = make_evaluator(config, data, base, root, progress=progress)
 
     mark = time.perf_counter()
     base_model = load_encoder(base, base)
