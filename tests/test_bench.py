@@ -625,9 +625,14 @@ def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_pat
     for key in ("benchmark", "model", "tasks", "n_test", "base_probe", "base", "experts"):
         assert key in saved
     assert saved["tasks"] == ["toy", "toy2"] and saved["n_test"] == {"toy": 32, "toy2": 32}
-    assert set(saved["merges"]) == {"linear (average)", "ta"} and saved["missing"] == [
+    assert set(saved["merges"]) == {"linear (average)", "ta", "emr"} and saved["missing"] == [
         "future (no method 'not_landed_yet' yet)"
     ]
+    emr = saved["merges"]["emr"]  # each task scored with its own modulated model
+    assert emr["method"] == "emr" and set(emr["acc"]) == {"toy", "toy2"}
+    assert emr["normalized"] > 0.0 and emr["avg"] == pytest.approx(
+        sum(emr["acc"].values()) / 2, abs=1e-3
+    )
     entry = saved["merges"]["ta"]
     assert (
         set(entry["acc"]) == {"toy", "toy2"}
@@ -641,9 +646,15 @@ def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_pat
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # an update run keeps the other rows
     again = run_suite(
-        toy_bench, out, sweeps=sweeps[:1], negation=False, update=True, echo=lambda s: None
+        toy_bench,
+        out,
+        sweeps=sweeps[:1],
+        negation=False,
+        emr=False,
+        update=True,
+        echo=lambda s: None,
     )
-    assert set(again["merges"]) == {"linear (average)", "ta"} and "negation" in again
+    assert set(again["merges"]) == {"linear (average)", "ta", "emr"} and "negation" in again
 
 
 def test_grids_extend_past_an_edge_winner() -> None:

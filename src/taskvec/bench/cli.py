@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from taskvec.bench.config import PRESETS
+from taskvec.bench.emr_row import LABEL as EMR_LABEL
 from taskvec.cli_errors import friendly
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -183,20 +184,30 @@ def run_cmd(
         for s in have:
             grid = ", ".join(f"{k} in {list(v)}" for k, v in s.grid.items()) or "no grid"
             click.echo(f"{s.label:<18} {s.method:<18} {dict(s.parameters)}  {grid}")
+        click.echo(f"{EMR_LABEL:<18} {'emr':<18} {{}}  no grid (each task its own model)")
         for line in missing:
             click.echo(f"cannot run: {line}")
         return
     sweeps = list(SWEEPS)
+    emr = not negation_only
     if only:
-        unknown = set(only) - {s.label for s in SWEEPS}
+        unknown = set(only) - {s.label for s in SWEEPS} - {EMR_LABEL}
         if unknown:
             raise click.UsageError(f"unknown sweep(s): {', '.join(sorted(unknown))}")
         sweeps = [s for s in SWEEPS if s.label in only]
+        emr = EMR_LABEL in only
     if negation_only:
         sweeps = []
     b = _open(benchmark, cache_dir, threads, no_progress)
     path = out or Path("benchmarks/results") / f"bench-{benchmark}.json"
-    run_suite(b, path, sweeps=sweeps, negation=not no_negation, update=bool(only or negation_only))
+    run_suite(
+        b,
+        path,
+        sweeps=sweeps,
+        negation=not no_negation,
+        emr=emr,
+        update=bool(only or negation_only),
+    )
     click.echo(f"wrote {path} and its .md / .png")
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from taskvec.bench.emr_row import LABEL as EMR_LABEL
+from taskvec.bench.emr_row import run_emr
 from taskvec.bench.harness import Bench
 from taskvec.bench.results import assemble, write_json, write_reports
 from taskvec.bench.sweeps import (
@@ -35,11 +37,13 @@ def run_suite(
     *,
     sweeps: Sequence[Sweep] = SWEEPS,
     negation: bool = True,
+    emr: bool = True,
     update: bool = False,
     echo: Callable[[str], None] = click.echo,
 ) -> dict[str, Any]:
-    """Run ``sweeps`` (those whose method exists) and, with ``negation``, negate every task;
-    write ``out`` (JSON, plus ``.md`` and ``.png``) after each step when ``out`` is given.
+    """Run ``sweeps`` (those whose method exists), with ``emr`` the EMR-merging row, and with
+    ``negation`` negate every task; write ``out`` (JSON, plus ``.md`` and ``.png``) after each
+    step when ``out`` is given.
 
     With ``update``, the rows and negation results already in ``out`` (for the same
     benchmark and tasks) are kept unless this run replaces them."""
@@ -84,6 +88,10 @@ def run_suite(
             echo(f"  {sweep.label} failed: {e}")
             missing.append(f"{sweep.label} (failed: {e})")
             continue
+        save()
+    if emr:
+        echo(f"{EMR_LABEL} (per-task masks and scales)")
+        merges[EMR_LABEL] = run_emr(bench, echo=echo)
         save()
     if negation:
         echo("negation: θ0 − λτ_t")
