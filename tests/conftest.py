@@ -14,7 +14,9 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -230,3 +232,26 @@ def one_thread() -> Iterator[None]:
         with threadpool_limits(1):
             yield
     torch.set_num_threads(before)
+
+
+def call_matrix_method(
+    name: str, xs: Any, base: Any, tensor: str | None = None, **params: Any
+) -> Any:
+    """Call a registered method as the engine does (float32 inputs, globals by name, the
+    tensor's name when given); the result as a float64 numpy array."""
+    from taskvec.methods import get_method
+
+    m = get_method(name)
+    g = {k: params.pop(k, v) for k, v in m.globals.items()}
+    assert not params, params
+    extra = {"name": tensor} if tensor is not None else {}
+    out = m.fn(
+        torch.tensor(xs, dtype=torch.float32), torch.tensor(base, dtype=torch.float32), **g, **extra
+    )
+    assert out.dtype == torch.float32 and tuple(out.shape) == base.shape
+    return out.double().numpy()
+
+
+def f32(x: Any) -> Any:
+    """``x`` rounded to float32 and back (what a float32 computation can represent)."""
+    return x.astype(np.float32).astype(np.float64)

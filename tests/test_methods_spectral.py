@@ -11,18 +11,17 @@ every singular value is clearly non-zero and the reference is well defined.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import call_matrix_method, f32
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from taskvec.errors import ConfigError
 from taskvec.merge import merge as tv_merge
-from taskvec.methods import get_method
 from taskvec.methods.spectral import iso_cts_split, polar
 
 SETTINGS = settings(
@@ -38,21 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SPECTRAL = ["tsv", "iso_c", "iso_cts"]
 
 
-def call(name: str, xs: np.ndarray, base: np.ndarray, tensor: str | None = None, **params: Any):
-    """Call a registered method as the engine does (float32 inputs, globals by name)."""
-    m = get_method(name)
-    g = {k: params.pop(k, v) for k, v in m.globals.items()}
-    assert not params, params
-    extra = {"name": tensor} if tensor is not None else {}
-    out = m.fn(
-        torch.tensor(xs, dtype=torch.float32), torch.tensor(base, dtype=torch.float32), **g, **extra
-    )
-    assert out.dtype == torch.float32 and tuple(out.shape) == base.shape
-    return out.double().numpy()
-
-
-def f32(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32).astype(np.float64)
+call = call_matrix_method
 
 
 def problem(

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import call_matrix_method, f32
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskvec.errors import ConfigError
-from taskvec.methods import get_method
 
 SETTINGS = settings(
     max_examples=15,
@@ -31,19 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def call(xs: np.ndarray, base: np.ndarray, tensor: str | None = None, **params: Any):
-    m = get_method("wudi")
-    g = {k: params.pop(k, v) for k, v in m.globals.items()}
-    assert not params, params
-    extra = {"name": tensor} if tensor is not None else {}
-    out = m.fn(
-        torch.tensor(xs, dtype=torch.float32), torch.tensor(base, dtype=torch.float32), **g, **extra
-    )
-    assert out.dtype == torch.float32 and tuple(out.shape) == base.shape
-    return out.double().numpy()
-
-
-def f32(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32).astype(np.float64)
+    return call_matrix_method("wudi", xs, base, tensor, **params)
 
 
 def problem(n: int, shape: tuple[int, int], seed: int, scale: float = 1.0):
