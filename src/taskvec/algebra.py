@@ -37,10 +37,9 @@ from taskvec.engine import (
     Job,
     default_threads,
     execute,
+    job_parts,
     parallel_map,
     planned_tensors,
-    row_chunks,
-    row_fraction,
 )
 from taskvec.errors import CheckpointError, IncompatibleError
 from taskvec.io.checkpoint import Checkpoint, check_not_an_input, open_checkpoint
@@ -146,11 +145,7 @@ class _Expr:
             floating = spec.dtype.is_floating_point
             out = dtype if (dtype is not None and floating) else spec.dtype
             # every operation is elementwise, so large tensors are evaluated in row chunks
-            chunks: list[tuple[int, int] | None] = (
-                list(row_chunks(spec.shape)) if floating and len(spec.shape) >= 2 else [None]
-            )
-            for rows in chunks:
-                part = row_fraction(spec.shape, rows)
+            for rows, part in job_parts(spec.shape, by_rows=floating):
                 numel = int(math.prod(spec.shape) * part)
                 jobs.append(
                     Job(

@@ -75,11 +75,12 @@ def row_chunks(shape: tuple[int, ...], max_elements: int | None = None) -> list[
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
-def row_fraction(shape: tuple[int, ...], rows: tuple[int, int] | None) -> float:
-    """The share of a tensor's elements in its rows ``[start, stop)`` (1 for all of it)."""
-    if rows is None or not shape or shape[0] == 0:
-        return 1.0
-    return (rows[1] - rows[0]) / shape[0]
+def job_parts(shape: tuple[int, ...], by_rows: bool) -> list[tuple[tuple[int, int] | None, float]]:
+    """How to split the work on one tensor: ``(rows, share of its elements)`` per job — row
+    chunks when ``by_rows`` (elementwise work on a tensor of 2 or more dims), else one job."""
+    if not by_rows or len(shape) < 2 or shape[0] == 0:
+        return [(None, 1.0)]
+    return [(rows, (rows[1] - rows[0]) / shape[0]) for rows in row_chunks(shape)]
 
 
 def planned_tensors(jobs: Sequence[Job]) -> list[PlannedTensor]:

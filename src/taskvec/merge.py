@@ -29,10 +29,9 @@ from taskvec.engine import (
     PlanSummary,
     default_threads,
     execute,
+    job_parts,
     parallel_map,
     planned_tensors,
-    row_chunks,
-    row_fraction,
     summarize,
 )
 from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
@@ -491,13 +490,7 @@ def plan_merge(
             continue
         dtype = out_dtype or ref_info.dtype
         n_in = len(names)
-        chunks: list[tuple[int, int] | None] = (
-            list(row_chunks(ref_info.shape))
-            if method.elementwise and len(ref_info.shape) >= 2
-            else [None]
-        )
-        for rows in chunks:
-            part = row_fraction(ref_info.shape, rows)
+        for rows, part in job_parts(ref_info.shape, by_rows=method.elementwise):
             task = _TensorTask(
                 method,
                 names[: len(sl.sources)],
