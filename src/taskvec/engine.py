@@ -65,22 +65,17 @@ class Job:
         return PlannedTensor(self.name, self.out_shape, self.dtype).nbytes
 
 
-def row_chunks(shape: tuple[int, ...], max_elements: int | None = None) -> list[tuple[int, int]]:
-    """Split the first axis so each chunk holds at most ``max_elements`` (default
-    :data:`CHUNK_ELEMENTS`), with at least one row per chunk."""
-    if len(shape) < 2 or shape[0] == 0:
-        return [(0, shape[0] if shape else 1)]
-    per_row = math.prod(shape[1:]) or 1
-    step = max(1, (max_elements or CHUNK_ELEMENTS) // per_row)
-    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
-
-
 def job_parts(shape: tuple[int, ...], by_rows: bool) -> list[tuple[tuple[int, int] | None, float]]:
-    """How to split the work on one tensor: ``(rows, share of its elements)`` per job — row
-    chunks when ``by_rows`` (elementwise work on a tensor of 2 or more dims), else one job."""
+    """How to split the work on one tensor: ``(rows, share of its elements)`` per job. With
+    ``by_rows`` (elementwise work) a tensor of 2 or more dims is cut along its first axis into
+    blocks of at most :data:`CHUNK_ELEMENTS` (at least one row each); otherwise one job."""
     if not by_rows or len(shape) < 2 or shape[0] == 0:
         return [(None, 1.0)]
-    return [(rows, (rows[1] - rows[0]) / shape[0]) for rows in row_chunks(shape)]
+    step = max(1, CHUNK_ELEMENTS // (math.prod(shape[1:]) or 1))
+    return [
+        ((r, min(r + step, shape[0])), (min(r + step, shape[0]) - r) / shape[0])
+        for r in range(0, shape[0], step)
+    ]
 
 
 def planned_tensors(jobs: Sequence[Job]) -> list[PlannedTensor]:
