@@ -619,7 +619,9 @@ def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_pat
         Sweep("ta", "task_arithmetic", grid={"lambda": (0.3, 1.0)}),
         Sweep("future", "not_landed_yet"),
     ]
-    data = run_suite(toy_bench, out, sweeps=sweeps, negation=True, echo=lambda s: None)
+    data = run_suite(
+        toy_bench, out, sweeps=sweeps, negation=True, specials=("emr",), echo=lambda s: None
+    )
     saved = json.loads(out.read_text())
     assert saved["merges"] == data["merges"]
     for key in ("benchmark", "model", "tasks", "n_test", "base_probe", "base", "experts"):
@@ -650,7 +652,7 @@ def test_suite_writes_the_results_json_table_and_chart(toy_bench: Bench, tmp_pat
         out,
         sweeps=sweeps[:1],
         negation=False,
-        emr=False,
+        specials=(),
         update=True,
         echo=lambda s: None,
     )
@@ -744,3 +746,33 @@ def test_bench_cli_eval_run_and_report(
     assert res.exit_code == 0 and out.with_suffix(".md").exists()
     res = runner.invoke(main, ["bench", "run", "--list"])
     assert "task_arithmetic" in res.output and "lambda in" in res.output
+
+
+def test_fda_rows_and_cost_curve_on_the_toy_bench(
+    toy_bench: Bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskvec.bench import fda_rows
+    from taskvec.fda.adapt import AdaptSettings
+    from taskvec.fda.anchors import AnchorSettings
+
+    monkeypatch.setattr(
+        fda_rows, "ANCHORS", AnchorSettings(anchors=4, tokens=3, steps=6, snapshots=4)
+    )
+    monkeypatch.setattr(fda_rows, "ADAPT", AdaptSettings(epochs=1))
+    out = tmp_path / "fda.json"
+    data = run_suite(
+        toy_bench,
+        out,
+        sweeps=[],
+        negation=False,
+        specials=("fda_base_gauss", "fda_ta_weight", "fda_cost_curve"),
+        echo=lambda s: None,
+    )
+    base, ta = data["merges"]["fda_base_gauss"], data["merges"]["fda_ta_weight"]
+    assert base["method"] == "fda" and base["parameters"]["start"] == "base"
+    assert base["start_normalized"] is None and isinstance(ta["start_normalized"], float)
+    assert base["cost"]["construct_seconds"] > 0 and set(base["acc"]) == set(toy_bench.tasks)
+    curve = data["fda_cost_curve"]
+    assert [p["steps"] for p in curve][0] == 0 and curve[-1]["steps"] == 6
+    assert all(0 <= p["normalized"] <= 2 for p in curve)
+    assert json.loads(out.read_text())["fda_cost_curve"] == curve

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -240,6 +240,10 @@ class Model(_Expr):
     def fingerprint(self) -> str:
         return _fingerprint(self.specs)
 
+    def patched(self, tensors: Mapping[str, torch.Tensor]) -> Model:
+        """This model with the named tensors replaced by ``tensors`` (same shapes)."""
+        return PatchedModel(self, tensors)
+
     def save(
         self,
         path: str | os.PathLike[str],
@@ -330,6 +334,40 @@ class AppliedModel(Model):
 
     def __repr__(self) -> str:
         return f"({self.base!r} + {self.tv!r})"
+
+
+class PatchedModel(Model):
+    """A model with some tensors replaced by in-memory values (e.g. blocks a method retrained)."""
+
+    def __init__(self, model: Model, patches: Mapping[str, torch.Tensor]) -> None:
+        specs = model.specs
+        for name, t in patches.items():
+            if name not in specs:
+                raise IncompatibleError(f"patched tensor {name!r} does not exist in the model")
+            _check_shapes(name, specs[name], Spec(tuple(t.shape), t.dtype), "model vs patch")
+        self.model = model
+        self.patches = dict(patches)
+
+    @property
+    def specs(self) -> dict[str, Spec]:  # type: ignore[override]
+        return self.model.specs
+
+    def _eval(self, name: str, cache: _Cache) -> torch.Tensor:
+        if name not in self.patches:
+            return self.model._eval(name, cache)
+        t = self.patches[name]
+        t = t if cache.rows is None else t[cache.rows[0] : cache.rows[1]]
+        return t.to(_compute_dtype(t.dtype)) if t.is_floating_point() else t
+
+    def _leaves(self) -> list[Checkpoint]:
+        return self.model._leaves()
+
+    @property
+    def primary(self) -> Checkpoint:
+        return self.model.primary
+
+    def __repr__(self) -> str:
+        return f"{self.model!r}.patched({len(self.patches)} tensors)"
 
 
 class SoupModel(Model):

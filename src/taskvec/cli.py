@@ -13,6 +13,7 @@ from taskvec.algebra import Model, TaskVector, apply, load, load_model
 from taskvec.cli_errors import friendly
 from taskvec.engine import default_threads, planned_tensors
 from taskvec.errors import CheckpointError
+from taskvec.fda.config import FdaMerge
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.dtypes import dtype_name
 from taskvec.io.writer import DEFAULT_SHARD_SIZE
@@ -86,12 +87,18 @@ def merge(
         progress=not no_progress,
         device=device,
     )
+    fda = isinstance(plan, FdaMerge)
+    name = "fda" if fda else plan.method.name
     if not dry_run:
+        if fda:
+            click.echo(f"wrote the FDA-adapted model to {out}")
+            return
         n_tensors = len(planned_tensors(plan.jobs))  # jobs are row chunks of tensors
-        click.echo(f"merged {n_tensors} tensors with {plan.method.name} into {out}")
+        click.echo(f"merged {n_tensors} tensors with {name} into {out}")
         return
-    click.echo(f"plan: {plan.method.name} -> {out}")
-    for line in plan.summary(threads or default_threads()).lines():
+    click.echo(f"plan: {name} -> {out}")
+    lines = plan.lines() if fda else plan.summary(threads or default_threads()).lines()
+    for line in lines:
         click.echo(f"  {line}")
     if plan.problems:
         click.echo(f"{len(plan.problems)} problem(s) would stop this merge:", err=True)
@@ -298,10 +305,12 @@ def _register_optional_commands() -> None:
     try:
         from taskvec.bench.cli import bench
         from taskvec.bench.demo import demo
+        from taskvec.fda.cli import fda
     except ImportError:
         return
     main.add_command(demo)
     main.add_command(bench)
+    main.add_command(fda)
 
 
 _register_optional_commands()

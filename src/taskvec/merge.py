@@ -35,6 +35,8 @@ from taskvec.engine import (
     summarize,
 )
 from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
+from taskvec.fda.config import METHOD as FDA_METHOD
+from taskvec.fda.config import FdaMerge
 from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, open_checkpoint
 from taskvec.io.dtypes import dtype_name, parse_dtype
 from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
@@ -657,11 +659,17 @@ def merge(
     random_seed: int | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
-) -> MergePlan:
+) -> MergePlan | FdaMerge:
     """Plan, validate and (unless ``dry_run``) run a merge into the folder ``out``.
+
+    ``merge_method: fda`` runs :mod:`taskvec.fda` (forward passes, not a per-tensor method) and
+    returns its validated :class:`~taskvec.fda.config.FdaMerge` instead of a plan.
 
     ``device`` is where the methods compute (e.g. ``"cuda"``); reading, writing and random
     draws stay on the CPU, so the output does not depend on it beyond float rounding."""
+    cfg = parse_config(config)
+    if cfg.merge_method == FDA_METHOD:
+        return _merge_fda(config, cfg, out, dry_run, threads, overwrite, random_seed, progress)
     plan = plan_merge(config, random_seed=random_seed)
     plan.run.device = _device(device)
     out_path = Path(out).expanduser().absolute()
@@ -697,3 +705,31 @@ def merge(
         writer.commit()
     log.info("merged %s tensors into %s", len(planned_tensors(plan.jobs)), out_path)
     return plan
+
+
+def _merge_fda(
+    source: str | os.PathLike[str] | dict[str, Any] | MergeConfig,
+    cfg: MergeConfig,
+    out: str | os.PathLike[str],
+    dry_run: bool,
+    threads: int | None,
+    overwrite: bool,
+    random_seed: int | None,
+    progress: bool,
+) -> FdaMerge:
+    from taskvec.fda.config import parse_fda, run_fda  # torch.func etc. only when used
+
+    config_dir = Path(source).parent if isinstance(source, str | os.PathLike) else None
+    plan = parse_fda(cfg, config_dir, random_seed)
+    out_path = Path(out).expanduser().absolute()
+    try:
+        check_output_path(out_path, overwrite)
+    except TaskvecError as e:
+        plan.problems.append(str(e))
+    if not plan.problems:
+        run_fda(plan, out_path, dry_run=True)
+    if plan.problems and not dry_run:
+        raise IncompatibleError(plan.problems[0])
+    if dry_run:
+        return plan
+    return run_fda(plan, out_path, overwrite=overwrite, threads=threads, progress=progress)

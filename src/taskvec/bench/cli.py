@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import click
 
 from taskvec.bench.config import PRESETS
-from taskvec.bench.emr_row import LABEL as EMR_LABEL
 from taskvec.cli_errors import friendly
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -176,7 +175,7 @@ def run_cmd(
 ) -> None:
     """Run every method's sweep (coefficients chosen on validation, scored on test) and the
     negation study; write the results JSON, Markdown table and PNG chart."""
-    from taskvec.bench.suite import run_suite
+    from taskvec.bench.suite import SPECIALS, run_suite
     from taskvec.bench.sweeps import SWEEPS, available
 
     if list_:
@@ -184,18 +183,19 @@ def run_cmd(
         for s in have:
             grid = ", ".join(f"{k} in {list(v)}" for k, v in s.grid.items()) or "no grid"
             click.echo(f"{s.label:<18} {s.method:<18} {dict(s.parameters)}  {grid}")
-        click.echo(f"{EMR_LABEL:<18} {'emr':<18} {{}}  no grid (each task its own model)")
+        for label in SPECIALS:
+            click.echo(f"{label:<18} (not one merge: see `taskvec bench run --help`)")
         for line in missing:
             click.echo(f"cannot run: {line}")
         return
     sweeps = list(SWEEPS)
-    emr = not negation_only
+    specials: list[str] = [] if negation_only else list(SPECIALS)
     if only:
-        unknown = set(only) - {s.label for s in SWEEPS} - {EMR_LABEL}
+        unknown = set(only) - {s.label for s in SWEEPS} - set(SPECIALS)
         if unknown:
             raise click.UsageError(f"unknown sweep(s): {', '.join(sorted(unknown))}")
         sweeps = [s for s in SWEEPS if s.label in only]
-        emr = EMR_LABEL in only
+        specials = [label for label in SPECIALS if label in only]
     if negation_only:
         sweeps = []
     b = _open(benchmark, cache_dir, threads, no_progress)
@@ -205,7 +205,7 @@ def run_cmd(
         path,
         sweeps=sweeps,
         negation=not no_negation,
-        emr=emr,
+        specials=specials,
         update=bool(only or negation_only),
     )
     click.echo(f"wrote {path} and its .md / .png")

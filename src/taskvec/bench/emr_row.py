@@ -16,6 +16,7 @@ from typing import Any
 from taskvec.algebra import load_model
 from taskvec.bench.evaluate import combine
 from taskvec.bench.harness import Bench, Run
+from taskvec.bench.results import summary_row
 from taskvec.emr import emr_merge, emr_task_vector
 
 LABEL = "emr"
@@ -60,17 +61,11 @@ def run_emr(bench: Bench, *, echo: Callable[[str], None] = lambda s: None) -> di
         eval_seconds,
     )
     echo(f"  emr: test normalised {run.normalized:.4f} ± {run.normalized_stderr:.4f}")
-    t = run.result
     return {
         "method": "emr",
         "parameters": {},
-        "acc": {k: round(s.accuracy, 4) for k, s in t.scores.items()},
-        "avg": round(t.average, 4),
-        "normalized": round(run.normalized, 4),
+        **summary_row(run.result, run.reference),
         "seconds": round(merge_seconds, 1),
-        "stderr": {k: round(s.stderr, 4) for k, s in t.scores.items()},
-        "avg_stderr": round(t.average_stderr, 4),
-        "normalized_stderr": round(run.normalized_stderr, 4),
         "eval_seconds": round(eval_seconds, 1),
         "selection": {
             "rule": "no coefficient to choose: EMR computes each task's mask and scale; each "

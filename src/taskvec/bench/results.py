@@ -38,6 +38,7 @@ def summary_row(result: EvalResult, reference: EvalResult) -> dict[str, Any]:
         "acc": _acc(result),
         "avg": round(result.average, 4),
         "normalized": round(value, 4),
+        "stderr": {t: round(s.stderr, 4) for t, s in result.scores.items()},
         "avg_stderr": round(result.average_stderr, 4),
         "normalized_stderr": round(se, 4),
     }

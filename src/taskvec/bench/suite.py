@@ -16,6 +16,9 @@ import click
 
 from taskvec.bench.emr_row import LABEL as EMR_LABEL
 from taskvec.bench.emr_row import run_emr
+from taskvec.bench.fda_rows import CURVE as FDA_CURVE
+from taskvec.bench.fda_rows import LABELS as FDA_LABELS
+from taskvec.bench.fda_rows import FdaBench
 from taskvec.bench.harness import Bench
 from taskvec.bench.results import assemble, write_json, write_reports
 from taskvec.bench.sweeps import (
@@ -30,6 +33,8 @@ from taskvec.bench.sweeps import (
 )
 from taskvec.errors import TaskvecError
 
+SPECIALS = (EMR_LABEL, *FDA_LABELS, FDA_CURVE)
+
 
 def run_suite(
     bench: Bench,
@@ -37,13 +42,13 @@ def run_suite(
     *,
     sweeps: Sequence[Sweep] = SWEEPS,
     negation: bool = True,
-    emr: bool = True,
+    specials: Sequence[str] = SPECIALS,
     update: bool = False,
     echo: Callable[[str], None] = click.echo,
 ) -> dict[str, Any]:
-    """Run ``sweeps`` (those whose method exists), with ``emr`` the EMR-merging row, and with
-    ``negation`` negate every task; write ``out`` (JSON, plus ``.md`` and ``.png``) after each
-    step when ``out`` is given.
+    """Run ``sweeps`` (those whose method exists), the ``specials`` (rows that are not one
+    merge: EMR-merging, the FDA rows, the FDA cost curve), and with ``negation`` negate every
+    task; write ``out`` (JSON, plus ``.md`` and ``.png``) after each step when ``out`` is given.
 
     With ``update``, the rows and negation results already in ``out`` (for the same
     benchmark and tasks) are kept unless this run replaces them."""
@@ -57,11 +62,13 @@ def run_suite(
     reference = built.reference("test")
     merges: dict[str, dict[str, Any]] = {}
     negated: dict[str, Any] = {}
+    curve: list[dict[str, Any]] = []
     if update and out is not None and out.exists():
         old = json.loads(out.read_text())
         if old.get("benchmark") == built.config.name and old.get("tasks") == tasks:
             merges.update(old.get("merges", {}))
             negated.update({t: r for t, r in old.get("negation", {}).items() if t in tasks})
+            curve = old.get(FDA_CURVE, [])
 
     def save() -> dict[str, Any]:
         data = assemble(
@@ -73,7 +80,8 @@ def run_suite(
             base=base,
             experts=reference,
             merges=merges,
-            extra=_extras(bench, negated, missing, time.perf_counter() - start),
+            extra=_extras(bench, negated, missing, time.perf_counter() - start)
+            | ({FDA_CURVE: curve} if curve else {}),
         )
         if out is not None:
             write_json(data, out)
@@ -89,9 +97,15 @@ def run_suite(
             missing.append(f"{sweep.label} (failed: {e})")
             continue
         save()
-    if emr:
-        echo(f"{EMR_LABEL} (per-task masks and scales)")
-        merges[EMR_LABEL] = run_emr(bench, echo=echo)
+    fda = FdaBench(bench, echo) if set(specials) & {*FDA_LABELS, FDA_CURVE} else None
+    for label in specials:
+        echo(label)
+        if label == EMR_LABEL:
+            merges[label] = run_emr(bench, echo=echo)
+        elif label == FDA_CURVE and fda is not None:
+            curve = fda.cost_curve()
+        elif fda is not None:
+            merges[label] = fda.row(label)
         save()
     if negation:
         echo("negation: θ0 − λτ_t")

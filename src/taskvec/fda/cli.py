@@ -1,0 +1,234 @@
+"""``taskvec fda``: construct anchors, adapt a model on them, analyse them (thin commands over
+:mod:`taskvec.fda.pipeline` and :mod:`taskvec.fda.analysis`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from taskvec.cli_errors import friendly
+from taskvec.errors import IncompatibleError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_friendly = friendly("finished blocks' anchor files are kept and reused by a rerun")
+
+
+def _models(fn: F) -> F:
+    options = [
+        click.argument("base", type=click.Path(path_type=Path)),
+        click.argument("experts", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option(
+            "--names",
+            default=None,
+            help="Comma-separated task names (default: the expert folders' names).",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Torch threads (default: the cores not busy now).",
+        ),
+        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def open_fda(base: Path, experts: tuple[Path, ...], names: str | None, threads: int | None) -> Any:
+    """The :class:`~taskvec.fda.pipeline.FDA` of the command line's models, threads set."""
+    from taskvec.bench.encoder import set_threads
+    from taskvec.fda.pipeline import FDA
+
+    labels = names.split(",") if names else [p.name for p in experts]
+    if len(labels) != len(experts) or len(set(labels)) != len(labels):
+        raise IncompatibleError("--names must give one distinct name per expert")
+    set_threads(threads)
+    return FDA(base, dict(zip(labels, experts, strict=True)))
+
+
+@click.group("fda")
+def fda() -> None:
+    """FDA (functional dual anchors): construct per-block anchors from experts, adapt a model
+    on them, and analyse them."""
+
+
+@fda.command()
+@_models
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Anchor folder (one block-<l>.safetensors per block; reused when rerun).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["gauss", "weight"]),
+    default="gauss",
+    show_default=True,
+    help="Scaled Gaussian noise, or rows of the experts' weights.",
+)
+@click.option(
+    "--anchors",
+    "n_anchors",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Anchors per task and block.",
+)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per anchor (default: 5 for encoders and ViT; decoder MLPs have none).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0),
+    default=200,
+    show_default=True,
+    help="AdamW steps per block (the reference uses 1200).",
+)
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--sigma", type=float, default=0.01, show_default=True, help="Gauss init scale.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--snapshots",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Anchor snapshots kept for `taskvec fda analyze` (log-spaced steps).",
+)
+@click.option("--blocks", default=None, help="Comma-separated block indices (default: all).")
+@_friendly
+def construct(
+    base: Path,
+    experts: tuple[Path, ...],
+    names: str | None,
+    threads: int | None,
+    no_progress: bool,
+    out: Path,
+    init: str,
+    n_anchors: int,
+    tokens: int | None,
+    steps: int,
+    lr: float,
+    sigma: float,
+    seed: int,
+    snapshots: int,
+    blocks: str | None,
+) -> None:
+    """Build every expert's anchors for every block of BASE (double back-propagation)."""
+    from taskvec.fda.anchors import AnchorSettings
+
+    settings = AnchorSettings(
+        n_anchors,
+        tokens,
+        steps,
+        lr,
+        init,
+        sigma,
+        seed,  # type: ignore[arg-type]
+        snapshots,
+    )
+    runner = open_fda(base, experts, names, threads)
+    picked = [int(b) for b in blocks.split(",")] if blocks else None
+    report = runner.construct(
+        out, settings, blocks=picked, progress=not no_progress, echo=click.echo
+    )
+    click.echo(f"anchors in {out} ({sum(report.seconds.values()):.0f} s)")
+
+
+@fda.command()
+@_models
+@click.option(
+    "--anchors",
+    "anchor_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The folder `taskvec fda construct` wrote.",
+)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output model.")
+@click.option(
+    "--start",
+    default="base",
+    show_default=True,
+    help="base (train every block parameter from BASE), task_arithmetic (train the "
+    "element-wise coefficients of the experts' task vectors) or a merged model folder "
+    "(train the coefficients of its one task vector).",
+)
+@click.option(
+    "--scaling",
+    type=float,
+    default=None,
+    help="Initial coefficient (default 0.3 for task_arithmetic, 1.0 for a merge).",
+)
+@click.option("--loss", type=click.Choice(["mse", "cos"]), default="mse", show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=5e-5,
+    show_default=True,
+    help="Adam learning rate when training parameters.",
+)
+@click.option(
+    "--coef-lr",
+    type=float,
+    default=1e-2,
+    show_default=True,
+    help="Adam learning rate when training coefficients.",
+)
+@click.option("--epochs", type=click.IntRange(min=0), default=125, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the per-block timings as JSON here.",
+)
+@_friendly
+def adapt(
+    base: Path,
+    experts: tuple[Path, ...],
+    names: str | None,
+    threads: int | None,
+    no_progress: bool,
+    anchor_dir: Path,
+    out: Path,
+    start: str,
+    scaling: float | None,
+    loss: str,
+    lr: float,
+    coef_lr: float,
+    epochs: int,
+    batch: int,
+    seed: int,
+    overwrite: bool,
+    report: Path | None,
+) -> None:
+    """Adapt BASE (or a merge) on the anchors of EXPERTS and write a normal checkpoint."""
+    from taskvec.fda.adapt import AdaptSettings
+    from taskvec.fda.pipeline import Start
+
+    settings = AdaptSettings(loss, lr, coef_lr, epochs, batch, seed)  # type: ignore[arg-type]
+    how = Start.parse(start, scaling)
+    runner = open_fda(base, experts, names, threads)
+    done = runner.adapt(
+        anchor_dir,
+        out,
+        how,
+        settings,
+        overwrite=overwrite,
+        progress=not no_progress,
+        echo=click.echo,
+    )
+    if report is not None:
+        report.write_text(json.dumps({"seconds": done.seconds}, indent=2) + "\n")
