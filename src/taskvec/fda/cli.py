@@ -232,3 +232,79 @@ def adapt(
     )
     if report is not None:
         report.write_text(json.dumps({"seconds": done.seconds}, indent=2) + "\n")
+
+
+@fda.command()
+@click.option(
+    "--anchors",
+    "anchor_dirs",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    multiple=True,
+    required=True,
+    help="An anchor folder (`taskvec fda construct -o`); repeat to compare (e.g. both inits).",
+)
+@click.option(
+    "--benchmark",
+    default="full",
+    show_default=True,
+    help="The benchmark whose base, experts and training texts are used.",
+)
+@click.option("--blocks", default=None, help="Comma-separated block indices (default: all).")
+@click.option(
+    "--real-examples",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Training texts per task whose block inputs are the real data.",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="k of the top-k subspace overlap and of the spectrum's tail energy.",
+)
+@click.option(
+    "--cone-batches",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Real-data updates (mini-batches) spanning the cone.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Torch threads (default: the cores not busy now).",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for fda-spectrum.png, fda-subspace.png, fda-cone.png and fda-analysis.json.",
+)
+@friendly()
+def analyze(
+    anchor_dirs: tuple[Path, ...],
+    benchmark: str,
+    blocks: str | None,
+    real_examples: int,
+    rank: int,
+    cone_batches: int,
+    seed: int,
+    threads: int | None,
+    out: Path,
+) -> None:
+    """Spectrum, alignment with real inputs over optimisation, and cone energy of the anchors
+    (the FDA paper's three observations), against the benchmark's training data."""
+    from taskvec.bench.encoder import set_threads
+    from taskvec.fda import analysis
+
+    set_threads(threads)
+    settings = analysis.AnalysisSettings(rank, cone_batches, seed)
+    sources = analysis.benchmark_sources(benchmark, real_examples)
+    picked = [int(b) for b in blocks.split(",")] if blocks else None
+    result = analysis.analyze(sources, anchor_dirs, out, settings, blocks=picked, echo=click.echo)
+    click.echo(f"wrote {', '.join(analysis.FILES)} to {out} ({result['seconds']:.0f} s)")
