@@ -41,7 +41,7 @@ from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, op
 from taskvec.io.dtypes import dtype_name, parse_dtype
 from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
 from taskvec.layout import LayerLayout
-from taskvec.methods.registry import REQUIRED, MergeMethod
+from taskvec.methods.registry import REQUIRED, MergeMethod, WholeModelPass
 
 log = logging.getLogger("taskvec")
 
@@ -76,10 +76,11 @@ class _Slice:
 
 @dataclass
 class _Run:
-    """What every job of a plan shares at run time: the whole-model pass's results and the
-    device the methods compute on."""
+    """What every job of a plan shares at run time: the first pass's results (for every
+    tensor, or per tensor name) and the device the methods compute on."""
 
     context: dict[str, Any] = field(default_factory=dict)
+    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -100,38 +101,58 @@ class MergePlan:
 
     @property
     def whole_model_pass(self) -> bool:
-        """Whether the method needs a streamed first pass over every tensor."""
-        return bool(self.tasks) and _needs_pass(self.method, self.tasks[0].global_)
+        """Whether the method needs a streamed first pass (over every tensor, or per tensor
+        over the row blocks of the tensors split into several)."""
+        return bool(self._pass_tasks())
 
     @property
     def context(self) -> dict[str, Any]:
         """The extra globals the whole-model pass produced (empty before :meth:`prepare`)."""
         return self.run.context
 
+    def _pass_tasks(self) -> list[_TensorTask]:
+        """The tasks the first pass streams: all of them for a whole-model pass, the row
+        blocks of the tensors split into several for a per-tensor pass."""
+        if not self.tasks or _first_pass(self.method, self.tasks[0].global_) is None:
+            return []
+        if self.method.whole_model is None:  # the method's tensor_pass
+            return [t for t in self.tasks if not t.whole]
+        return self.tasks
+
     def prepare(self, threads: int, progress: bool = True) -> None:
-        """Run the whole-model pass, if any, filling the context every tensor job receives."""
-        if not self.whole_model_pass:
+        """Run the first pass, if any, filling the context the tensor jobs receive."""
+        tasks = self._pass_tasks()
+        if not tasks:
             return
-        assert self.method.whole_model is not None
-        first = self.tasks[0]
-        total: torch.Tensor | None = None
+        first_pass = _first_pass(self.method, tasks[0].global_)
+        assert first_pass is not None
+        per_tensor = self.method.whole_model is None
+        totals: dict[str | None, tuple[_TensorTask, torch.Tensor]] = {}  # by tensor, or None
         bar = tqdm(
-            total=len(self.tasks),
-            desc="whole-model pass",
+            total=len(tasks),
+            desc="per-tensor pass" if per_tensor else "whole-model pass",
             disable=not progress,
             leave=False,
-            unit="tensor",
+            unit="block" if per_tensor else "tensor",
         )
         device = self.run.device
-        for part in parallel_map(lambda task: task.collect(device), self.tasks, threads):
-            total = part if total is None else total + part
+        for task, part in zip(
+            tasks,
+            parallel_map(lambda task: task.collect(first_pass, device), tasks, threads),
+            strict=True,
+        ):
+            key = task.name if per_tensor else None
+            first, total = totals.get(key, (task, None))
+            totals[key] = (first, part if total is None else total + part)
             bar.update()
         bar.close()
-        assert total is not None
-        self.context.update(
-            self.method.whole_model.finalize(total, **first.per_model, **first.global_)
-        )
-        log.info("whole-model pass of %s done: %s", self.method.name, sorted(self.context))
+        for key, (first, total) in totals.items():
+            found = first_pass.finalize(total, **first.per_model, **first.global_)
+            if key is None:
+                self.context.update(found)
+            else:
+                self.run.per_tensor[key] = found
+        log.info("first pass of %s done (%d sum(s))", self.method.name, len(totals))
 
     def summary(self, threads: int) -> PlanSummary:
         return summarize(self.jobs, threads)
@@ -288,6 +309,7 @@ class _TensorTask:
     seed: int | None
     name: str
     rows: tuple[int, int] | None = None
+    whole: bool = True  # the tensor is done in this one task (not split into row blocks)
 
     def load(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inputs stacked as ``(N, *shape)`` in the working dtype on ``device``, and the
@@ -315,16 +337,17 @@ class _TensorTask:
             stacked,
             base,
             _on(self.per_model, stacked.device),
-            {**self.global_, **run.context},
+            {**self.global_, **run.context, **run.per_tensor.get(self.name, {})},
             self.seed,
             self.name,
         )
 
-    def collect(self, device: torch.device | None = None) -> torch.Tensor:
-        assert self.method.whole_model is not None
+    def collect(
+        self, first_pass: WholeModelPass, device: torch.device | None = None
+    ) -> torch.Tensor:
         stacked, base = self.load(device)
         per_model = _on(self.per_model, stacked.device)
-        return self.method.whole_model.collect(stacked, base, **per_model, **self.global_).cpu()
+        return first_pass.collect(stacked, base, **per_model, **self.global_).cpu()
 
 
 def _on(params: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -351,8 +374,10 @@ def _call(
     return method.fn(stacked, base, **per_model, **global_, **extra)
 
 
-def _needs_pass(method: MergeMethod, global_: dict[str, Any]) -> bool:
-    return method.whole_model is not None and method.whole_model.wanted(**global_)
+def _first_pass(method: MergeMethod, global_: dict[str, Any]) -> WholeModelPass | None:
+    """The method's first pass (whole-model or per-tensor) if these globals want it."""
+    first_pass = method.whole_model or method.tensor_pass
+    return first_pass if first_pass is not None and first_pass.wanted(**global_) else None
 
 
 def _probe(
@@ -368,10 +393,10 @@ def _probe(
     base = torch.full((4,), 0.25) if has_base else None
     try:
         context: dict[str, Any] = {}
-        if _needs_pass(method, global_):
-            assert method.whole_model is not None
-            total = method.whole_model.collect(x, base, **per_model, **global_)
-            context = method.whole_model.finalize(total, **per_model, **global_)
+        first_pass = _first_pass(method, global_)
+        if first_pass is not None:
+            total = first_pass.collect(x, base, **per_model, **global_)
+            context = first_pass.finalize(total, **per_model, **global_)
         out = _call(method, x, base, per_model, {**global_, **context}, 0, "probe")
     except TaskvecError as e:
         return str(e)
@@ -492,7 +517,8 @@ def plan_merge(
             continue
         dtype = out_dtype or ref_info.dtype
         n_in = len(names)
-        for rows, part in job_parts(ref_info.shape, by_rows=method.elementwise):
+        parts = job_parts(ref_info.shape, by_rows=method.elementwise)
+        for rows, part in parts:
             task = _TensorTask(
                 method,
                 names[: len(sl.sources)],
@@ -502,6 +528,7 @@ def plan_merge(
                 random_seed,
                 out_name,
                 rows,
+                whole=len(parts) == 1,
             )
             jobs.append(
                 Job(
@@ -669,7 +696,9 @@ def merge(
     draws stay on the CPU, so the output does not depend on it beyond float rounding."""
     cfg = parse_config(config)
     if cfg.merge_method == FDA_METHOD:
-        return _merge_fda(config, cfg, out, dry_run, threads, overwrite, random_seed, progress)
+        return _merge_fda(
+            config, cfg, out, dry_run, threads, overwrite, random_seed, progress, device
+        )
     plan = plan_merge(config, random_seed=random_seed)
     plan.run.device = _device(device)
     out_path = Path(out).expanduser().absolute()
@@ -716,6 +745,7 @@ def _merge_fda(
     overwrite: bool,
     random_seed: int | None,
     progress: bool,
+    device: str | torch.device,
 ) -> FdaMerge:
     from taskvec.fda.config import parse_fda, run_fda  # torch.func etc. only when used
 
@@ -732,4 +762,6 @@ def _merge_fda(
         raise IncompatibleError(plan.problems[0])
     if dry_run:
         return plan
-    return run_fda(plan, out_path, overwrite=overwrite, threads=threads, progress=progress)
+    return run_fda(
+        plan, out_path, overwrite=overwrite, threads=threads, progress=progress, device=device
+    )

@@ -85,10 +85,12 @@ class AnchorSet:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {f"anchors.{t}": self.anchors[i].contiguous() for i, t in enumerate(self.tasks)}
+        tensors = {
+            f"anchors.{t}": self.anchors[i].cpu().contiguous() for i, t in enumerate(self.tasks)
+        }
         for step, snap in self.snapshots.items():
             for i, t in enumerate(self.tasks):
-                tensors[f"snapshot.{step}.{t}"] = snap[i].contiguous()
+                tensors[f"snapshot.{step}.{t}"] = snap[i].cpu().contiguous()
         meta = {
             "block": self.block,
             "tasks": self.tasks,
@@ -143,7 +145,7 @@ def gauss_init(block: Block, tasks: int, s: AnchorSettings) -> torch.Tensor:
     """σ · N(0, I), one draw shared by every task (and every block: the seed is fixed)."""
     g = torch.Generator().manual_seed(s.seed)
     x = torch.randn(block.input_shape(s.anchors, s.tokens), generator=g) * s.sigma
-    return x.expand(tasks, *x.shape).clone()
+    return x.expand(tasks, *x.shape).clone().to(block.device)
 
 
 def weight_rows(block: Block, params: Params) -> torch.Tensor:
@@ -163,10 +165,10 @@ def weight_init(block: Block, experts: Sequence[Params], s: AnchorSettings) -> t
     out = []
     for p in experts:
         rows = weight_rows(block, p)
-        pick = rows[torch.randperm(len(rows), generator=g)[:need]]
+        pick = rows[torch.randperm(len(rows), generator=g)[:need].to(rows.device)]
         if len(pick) < need:
             more = need - len(pick)
-            i, j = torch.randint(len(rows), (2, more), generator=g)
+            i, j = torch.randint(len(rows), (2, more), generator=g).to(rows.device)
             pick = torch.cat([pick, (rows[i] + rows[j]) / 2])
         out.append(pick.reshape(shape))
     return torch.stack(out)
@@ -254,7 +256,7 @@ def construct_block(
     x0 = gauss_init(block, len(experts), s) if s.init == "gauss" else weight_init(block, experts, s)
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.AdamW([x], lr=s.lr)
-    best_loss = torch.full((len(experts),), math.inf)
+    best_loss = torch.full((len(experts),), math.inf, device=x0.device)
     best = x0.clone()
     history: list[list[float]] = []
     snapshots: dict[int, torch.Tensor] = {}

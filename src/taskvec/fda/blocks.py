@@ -79,6 +79,10 @@ class Block:
     checkpoint_prefix: str  # prepended to '<path>.<name>' to get a checkpoint name
 
     @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
     def parameter_names(self) -> list[str]:
         return [n for n, _ in self.module.named_parameters()]
 
@@ -96,10 +100,12 @@ class Block:
         out = functional_call(self.module, dict(params), (x,))
         return out[0] if isinstance(out, tuple) else out
 
-    def read(self, model: Any, dtype: torch.dtype = torch.float32) -> Params:
+    def read(
+        self, model: Any, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> Params:
         """This block's parameters from a lazy :class:`taskvec.Model` (or a state dict)."""
         get = model.__getitem__ if isinstance(model, Mapping) else model.tensor
-        return {n: get(c).to(dtype) for n, c in self.checkpoint_names().items()}
+        return {n: get(c).to(device, dtype) for n, c in self.checkpoint_names().items()}
 
 
 class BlockModel:
@@ -142,12 +148,13 @@ class BlockModel:
         inner = f".{self.family.inner}" if self.family.inner else ""
         return f"{self.family.blocks}.{index}{inner}"
 
-    def block(self, index: int) -> Block:
-        """Block ``index`` with an empty (uninitialised) CPU module, checked against the names."""
+    def block(self, index: int, device: torch.device | str = "cpu") -> Block:
+        """Block ``index`` with an empty (uninitialised) module on ``device``, checked against
+        the checkpoint's names."""
         if not 0 <= index < self.num_blocks:
             raise IncompatibleError(f"block {index} out of range: the model has {self.num_blocks}")
         path = self.block_path(index)
-        module = self._skeleton.get_submodule(path).to_empty(device="cpu").eval()
+        module = self._skeleton.get_submodule(path).to_empty(device=device).eval()
         block = Block(index, path, module, self.family, self.hidden, self.prefix)
         missing = [c for c in block.checkpoint_names().values() if c not in self._names]
         if missing:

@@ -40,7 +40,13 @@ def _models(fn: F) -> F:
     return fn
 
 
-def open_fda(base: Path, experts: tuple[Path, ...], names: str | None, threads: int | None) -> Any:
+def open_fda(
+    base: Path,
+    experts: tuple[Path, ...],
+    names: str | None,
+    threads: int | None,
+    device: str = "cpu",
+) -> Any:
     """The :class:`~taskvec.fda.pipeline.FDA` of the command line's models, threads set."""
     from taskvec.bench.encoder import set_threads
     from taskvec.fda.pipeline import FDA
@@ -49,7 +55,12 @@ def open_fda(base: Path, experts: tuple[Path, ...], names: str | None, threads: 
     if len(labels) != len(experts) or len(set(labels)) != len(labels):
         raise IncompatibleError("--names must give one distinct name per expert")
     set_threads(threads)
-    return FDA(base, dict(zip(labels, experts, strict=True)))
+    return FDA(base, dict(zip(labels, experts, strict=True)), device)
+
+
+_device = click.option(
+    "--device", default="cpu", show_default=True, help="Where blocks run (e.g. cuda)."
+)
 
 
 @click.group("fda")
@@ -106,6 +117,7 @@ def fda() -> None:
     help="Anchor snapshots kept for `taskvec fda analyze` (log-spaced steps).",
 )
 @click.option("--blocks", default=None, help="Comma-separated block indices (default: all).")
+@_device
 @_friendly
 def construct(
     base: Path,
@@ -123,6 +135,7 @@ def construct(
     seed: int,
     snapshots: int,
     blocks: str | None,
+    device: str,
 ) -> None:
     """Build every expert's anchors for every block of BASE (double back-propagation)."""
     from taskvec.fda.anchors import AnchorSettings
@@ -137,7 +150,7 @@ def construct(
         seed,  # type: ignore[arg-type]
         snapshots,
     )
-    runner = open_fda(base, experts, names, threads)
+    runner = open_fda(base, experts, names, threads, device)
     picked = [int(b) for b in blocks.split(",")] if blocks else None
     report = runner.construct(
         out, settings, blocks=picked, progress=not no_progress, echo=click.echo
@@ -188,6 +201,7 @@ def construct(
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_device
 @click.option(
     "--report",
     type=click.Path(path_type=Path),
@@ -212,6 +226,7 @@ def adapt(
     batch: int,
     seed: int,
     overwrite: bool,
+    device: str,
     report: Path | None,
 ) -> None:
     """Adapt BASE (or a merge) on the anchors of EXPERTS and write a normal checkpoint."""
@@ -220,7 +235,7 @@ def adapt(
 
     settings = AdaptSettings(loss, lr, coef_lr, epochs, batch, seed)  # type: ignore[arg-type]
     how = Start.parse(start, scaling)
-    runner = open_fda(base, experts, names, threads)
+    runner = open_fda(base, experts, names, threads, device)
     done = runner.adapt(
         anchor_dir,
         out,
@@ -250,6 +265,7 @@ def adapt(
     help="The benchmark whose base, experts and training texts are used.",
 )
 @click.option("--blocks", default=None, help="Comma-separated block indices (default: all).")
+@_device
 @click.option(
     "--real-examples",
     type=click.IntRange(min=1),

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from taskvec.config import MergeConfig
 from taskvec.errors import ConfigError, TaskvecError
 from taskvec.fda.adapt import AdaptSettings
@@ -114,6 +116,7 @@ def run_fda(
     overwrite: bool = False,
     threads: int | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> FdaMerge:
     """Validate the models (headers only), then, unless ``dry_run``, run FDA into ``out``."""
     from taskvec import methods
@@ -121,7 +124,7 @@ def run_fda(
     from taskvec.merge import merge
 
     try:
-        runner = FDA(plan.base, plan.experts)
+        runner = FDA(plan.base, plan.experts, device)
         method = methods.all_methods().get(plan.start)
         start = None if method is not None else Start.parse(plan.start, plan.scaling)
     except TaskvecError as e:

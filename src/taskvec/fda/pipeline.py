@@ -84,9 +84,15 @@ class FDA:
     """The base model, the experts (task name → folder) and the blocks they share, checked
     before any optimisation starts: every expert has every block tensor with the base's shape."""
 
-    def __init__(self, base: str | os.PathLike[str], experts: Mapping[str, str | os.PathLike[str]]):
+    def __init__(
+        self,
+        base: str | os.PathLike[str],
+        experts: Mapping[str, str | os.PathLike[str]],
+        device: str | torch.device = "cpu",
+    ) -> None:
         if not experts:
             raise IncompatibleError("FDA needs at least one expert model")
+        self.device = torch.device(device)
         self.base_path = Path(base)
         self.base = load_model(base)
         self.blocks = BlockModel.open(base)
@@ -105,7 +111,10 @@ class FDA:
                     )
 
     def _params(self, block: Block) -> tuple[Params, list[Params]]:
-        return block.read(self.base), [block.read(self.experts[t]) for t in self.tasks]
+        d = self.device
+        return block.read(self.base, device=d), [
+            block.read(self.experts[t], device=d) for t in self.tasks
+        ]
 
     # --- construction -----------------------------------------------------------------------
     def construct(
@@ -125,7 +134,7 @@ class FDA:
         indices = list(range(self.blocks.num_blocks)) if blocks is None else blocks
         experts = [str(self.expert_paths[t]) for t in self.tasks]
         for i in indices:
-            block = self.blocks.block(i)
+            block = self.blocks.block(i, self.device)
             path = anchor_file(folder, i)
             old = _reusable(path, self.tasks, experts, settings)
             if old is not None:
@@ -183,7 +192,9 @@ class FDA:
         report = Report()
         patches: dict[str, torch.Tensor] = {}
         echo(f"adapting {start.describe()}, {len(sets)} blocks")
-        for block, anchor_set in zip(self.blocks.blocks, sets, strict=True):
+        for anchor_set in sets:
+            block = self.blocks.block(anchor_set.block, self.device)
+            anchor_set.anchors = anchor_set.anchors.to(self.device)
             begin = time.perf_counter()
             theta0, params = self._params(block)
             target = targets(block, params, anchor_set)
@@ -205,7 +216,7 @@ class FDA:
                     lambda *_: bar.update(),
                 )
             names = block.checkpoint_names()
-            patches.update({names[n]: v for n, v in new.items()})
+            patches.update({names[n]: v.cpu() for n, v in new.items()})
             report.seconds[f"block {block.index}"] = time.perf_counter() - begin
         model = (origin or self._start_model(start)).patched(patches)
         model.save(out_path, overwrite=overwrite, threads=threads, progress=False)
@@ -227,7 +238,9 @@ class FDA:
         if start.kind == BASE:
             return adapt_parameters(block, theta0, anchor_set, target, settings, on_epoch=on_epoch)
         if origin is not None:
-            vectors = [{n: v - theta0[n] for n, v in block.read(origin).items()}]
+            vectors = [
+                {n: v - theta0[n] for n, v in block.read(origin, device=self.device).items()}
+            ]
         else:
             vectors = [{n: p[n] - theta0[n] for n in theta0} for p in params]
         return adapt_coefficients(
