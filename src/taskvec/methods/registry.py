@@ -24,6 +24,14 @@ the task vectors) declares a :class:`WholeModelPass`: the engine first streams e
 through ``collect`` and sums the results, then ``finalize`` turns the sum into extra global
 parameters that every call of the method receives. The method stays per-tensor and pure.
 
+A method that is elementwise once it knows a statistic of the whole tensor (Model Stock's
+cosines between the task vectors) declares ``elementwise=True`` and a ``tensor_pass``, a
+:class:`WholeModelPass` summed per tensor instead: when the engine splits a tensor into row
+blocks, it first streams the blocks through ``collect``, sums them, and every block's call
+receives that tensor's ``finalize`` globals. A tensor done in one piece skips the pass (its
+call gets no such globals and computes the statistic itself). So no large tensor is held whole
+in memory, and both cores share the work on it.
+
 The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
 devices, or knows about other tensors: the engine streams, schedules and writes.
 """
@@ -48,8 +56,9 @@ MethodFn = Callable[..., torch.Tensor]
 class WholeModelPass:
     """A streamed first pass over every tensor (see the module docstring).
 
-    ``collect(tensors, base, **params) -> Tensor`` (summed over tensors),
-    ``finalize(total, **params) -> dict`` of extra globals (``params`` of the first tensor),
+    ``collect(tensors, base, **params) -> Tensor`` (summed over tensors; it must not modify
+    its arguments), ``finalize(total, **params) -> dict`` of extra globals (``params`` of the
+    first tensor),
     ``wanted(**globals) -> bool`` says whether this configuration needs the pass at all.
     """
 
@@ -73,6 +82,7 @@ class MergeMethod:
     whole_model: WholeModelPass | None = None
     elementwise: bool = False
     wants_name: bool = False
+    tensor_pass: WholeModelPass | None = None
 
     @property
     def formula(self) -> str:
@@ -107,12 +117,15 @@ def merge_method(
     whole_model: WholeModelPass | None = None,
     elementwise: bool = False,
     wants_name: bool = False,
+    tensor_pass: WholeModelPass | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
 
     def register(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
+        if whole_model is not None and tensor_pass is not None:
+            raise ValueError(f"merge method {name!r}: whole_model or tensor_pass, not both")
         _REGISTRY[name] = MergeMethod(
             name,
             fn,
@@ -125,6 +138,7 @@ def merge_method(
             whole_model,
             elementwise,
             wants_name,
+            tensor_pass,
         )
         return fn
 
