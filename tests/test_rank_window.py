@@ -48,3 +48,33 @@ def test_rank_window_on_bfloat16_like_ties() -> None:
         got = sparsify.rank_window(x, start, stop).mask(x.abs()).numpy()
         np.testing.assert_array_equal(got, brute_window(x.numpy(), start, stop))
         assert got.sum() == stop - start
+
+
+magnitudes = st.lists(
+    st.sampled_from([0.0, -0.0, 1e-40, 0.5, 0.25, 1.0, 3.0, 1.0000001, 2.0**-126]),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(xs=magnitudes, rows=st.integers(1, 4))
+def test_row_order_is_a_stable_argsort(xs: list[float], rows: int) -> None:
+    """The sort of (bits, column) keys is exactly torch's stable argsort of the bits: ties
+    (and +0 / −0) in position order."""
+    rows = min(rows, len(xs))
+    cols = len(xs) // rows
+    m = torch.tensor(xs[: rows * cols], dtype=torch.float32).reshape(rows, cols)
+    want = m.view(torch.int32).argsort(dim=1, stable=True)
+    assert torch.equal(sparsify.row_order(m), want)
+    assert torch.equal(sparsify.row_order(m.abs()), m.abs().argsort(dim=1, stable=True))
+
+
+@pytest.mark.parametrize("cols", [2, 3, 1024, 1025, 5632])
+def test_row_order_on_bfloat16_deltas(cols: int) -> None:
+    g = torch.Generator().manual_seed(cols)
+    base = (torch.randn(6, cols, generator=g) * 0.02).bfloat16()
+    tuned = (base.float() + torch.randn(6, cols, generator=g) * 2e-4).bfloat16()
+    m = (tuned.float() - base.float()).abs()  # few distinct values: long runs of ties
+    assert torch.equal(sparsify.row_order(m), m.argsort(dim=1, stable=True))
+    assert torch.equal(sparsify.row_order(m.double()), m.double().argsort(dim=1, stable=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from taskvec.errors import ConfigError
@@ -281,14 +282,33 @@ def outliers(
     return _rescale(delta, kept, density, rescale)
 
 
+def row_order(magnitude: torch.Tensor) -> torch.Tensor:
+    """Per row, the column indices of ``magnitude`` (≥ 0) from smallest to largest, equal
+    values in position order: exactly ``argsort(dim=1, stable=True)``.
+
+    On the CPU in float32 the keys ``bits(|x|) · 2ᵇ + column`` (b bits hold a column) are
+    distinct int64 values ordered like (magnitude, position), so a plain sort of the keys gives
+    the stable order and their low bits are the indices: numpy's (SIMD) sort of int64 values
+    is about 8× faster than torch's stable argsort, which dominated DELLA."""
+    cols = magnitude.shape[1]
+    shift = max(1, (cols - 1).bit_length())
+    if magnitude.dtype != torch.float32:
+        return magnitude.argsort(dim=1, stable=True)
+    bits = magnitude.view(torch.int32)  # float32 ≥ 0 orders like its bits
+    if magnitude.device.type != "cpu" or shift > 32:
+        return bits.argsort(dim=1, stable=True)
+    keys = bits.long().bitwise_left_shift_(shift).bitwise_or_(torch.arange(cols))
+    ordered = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    return ordered.bitwise_and_((1 << shift) - 1)
+
+
 def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
     """For each entry, its magnitude rank within its row mapped to [0, 1] (0 = smallest);
     ties are ranked by position, as a stable sort would."""
     rows, cols = magnitude.shape
     if cols == 1:
         return torch.zeros_like(magnitude)
-    keys = magnitude.view(torch.int32) if magnitude.dtype == torch.float32 else magnitude
-    order = keys.argsort(dim=1, stable=True)  # float32 ≥ 0 sorts like its bits, and faster
+    order = row_order(magnitude)
     ranks = torch.empty_like(magnitude)
     steps = torch.arange(cols, dtype=magnitude.dtype, device=magnitude.device) / (cols - 1)
     return ranks.scatter_(1, order, steps.expand(rows, cols))
