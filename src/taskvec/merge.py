@@ -395,7 +395,7 @@ def _probe(
         context: dict[str, Any] = {}
         first_pass = _first_pass(method, global_)
         if first_pass is not None:
-            total = first_pass.collect(x, base, **per_model, **global_)
+            total = first_pass.collect(x.clone(), base, **per_model, **global_)
             context = first_pass.finalize(total, **per_model, **global_)
         out = _call(method, x, base, per_model, {**global_, **context}, 0, "probe")
     except TaskvecError as e:

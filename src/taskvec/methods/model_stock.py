@@ -31,8 +31,7 @@ def _ratio(gram: torch.Tensor) -> torch.Tensor:
 def _block_gram(tensors: torch.Tensor, base: torch.Tensor, **_: Any) -> torch.Tensor:
     """The whole-tensor Gram matrix's share from one row block, (1, N, N) in float64 (the
     blocks' shares are summed)."""
-    n = tensors.shape[0]
-    deltas = tensors.reshape(n, 1, -1) - base.reshape(1, 1, -1)
+    deltas = tensors.reshape(tensors.shape[0], 1, -1).sub_(base.reshape(1, 1, -1))  # own buffer
     return _gram(deltas).double()
 
 

@@ -56,9 +56,9 @@ MethodFn = Callable[..., torch.Tensor]
 class WholeModelPass:
     """A streamed first pass over every tensor (see the module docstring).
 
-    ``collect(tensors, base, **params) -> Tensor`` (summed over tensors; it must not modify
-    its arguments), ``finalize(total, **params) -> dict`` of extra globals (``params`` of the
-    first tensor),
+    ``collect(tensors, base, **params) -> Tensor`` (summed over tensors; like the method, it
+    gets its own buffers and may overwrite them), ``finalize(total, **params) -> dict`` of
+    extra globals (``params`` of the first tensor),
     ``wanted(**globals) -> bool`` says whether this configuration needs the pass at all.
     """
 
