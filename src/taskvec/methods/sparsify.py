@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from taskvec.errors import ConfigError
@@ -297,9 +296,9 @@ def row_order(magnitude: torch.Tensor) -> torch.Tensor:
     bits = magnitude.view(torch.int32)  # float32 ≥ 0 orders like its bits
     if magnitude.device.type != "cpu" or shift > 32:
         return bits.argsort(dim=1, stable=True)
-    keys = bits.long().bitwise_left_shift_(shift).bitwise_or_(torch.arange(cols))
-    ordered = torch.from_numpy(np.sort(keys.numpy(), axis=1))
-    return ordered.bitwise_and_((1 << shift) - 1)
+    keys = torch.add(torch.arange(cols), bits.long(), alpha=1 << shift)
+    keys.numpy().sort(axis=1)  # in place: the keys are ours
+    return keys.bitwise_and_((1 << shift) - 1)
 
 
 def row_rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
