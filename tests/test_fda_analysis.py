@@ -262,6 +262,8 @@ def test_command_writes_the_files(
         "3",
         "--threads",
         "1",
+        "--device",
+        "cpu",
         "-o",
         out,
     )

@@ -119,8 +119,9 @@ class Cone:
 
         v = v.double()
         b = self._q.T @ (v / v.norm())
-        c, _ = nnls(self._s.numpy(), b.numpy())
-        return float(((self._s @ torch.from_numpy(c)).pow(2).sum()).clamp(max=1.0))
+        s = self._s.cpu()
+        c, _ = nnls(s.numpy(), b.cpu().numpy())
+        return float(((s @ torch.from_numpy(c)).pow(2).sum()).clamp(max=1.0))
 
 
 # --- real inputs -------------------------------------------------------------------------------
@@ -150,8 +151,11 @@ def real_inputs(
     seed: int = 0,
     batch: int = 32,
 ) -> RealInputs:
-    """Run the encoder on token ``ids`` and keep each block's inputs (see :class:`RealInputs`)."""
+    """Run the encoder on token ``ids`` (on its device) and keep each block's inputs, on the
+    CPU (see :class:`RealInputs`)."""
     from taskvec.bench.encoder import collate
+
+    device = next(encoder.parameters()).device
 
     g = torch.Generator().manual_seed(seed)
     starts = [
@@ -165,10 +169,12 @@ def real_inputs(
         input_ids, mask = collate(chunk, pad_id)
         with torch.no_grad():
             states = encoder(
-                input_ids=input_ids, attention_mask=mask, output_hidden_states=True
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
             ).hidden_states
         for b in blocks:
-            h = states[b].float()
+            h = states[b].float().cpu()
             tokens[b].append(h[mask.bool()])
             windows[b] += [
                 h[i, s : s + window] for i, s in enumerate(starts[first : first + batch]) if s >= 0
@@ -226,6 +232,14 @@ def _labels(sets: Sequence[AnchorSet], folders: Sequence[Path]) -> list[str]:
     return inits if len(set(inits)) == len(inits) else [f.name for f in folders]
 
 
+def _load(path: Path, device: torch.device) -> AnchorSet:
+    """An anchor file with its anchors and snapshots on ``device``."""
+    a = AnchorSet.load(path)
+    a.anchors = a.anchors.to(device)
+    a.snapshots = {step: x.to(device) for step, x in a.snapshots.items()}
+    return a
+
+
 def _initial(anchor_set: AnchorSet, block: Block, experts: Sequence[Params]) -> torch.Tensor:
     """The anchors at step 0: the snapshot, or the init recomputed (it is deterministic)."""
     if 0 in anchor_set.snapshots:
@@ -241,6 +255,10 @@ def _trajectory(anchor_set: AnchorSet, initial: torch.Tensor) -> dict[int, torch
     if anchor_set.snapshots:
         return dict(sorted(anchor_set.snapshots.items()))
     return {0: initial, anchor_set.settings.steps: anchor_set.anchors}
+
+
+def _summary(s: torch.Tensor, k: int) -> dict[str, float]:
+    return {"effective_rank": effective_rank(s), "tail_energy": tail_energy(s, k)}
 
 
 def _sig(values: torch.Tensor) -> list[float]:
@@ -261,7 +279,7 @@ def _analyze_block(
     layer = block.index
     out: dict[str, Any] = {
         "spectrum": {"anchors": {}, "anchors_init": {}, "real": {}},
-        "summary": {"anchors": {}, "real": {}},
+        "summary": {"anchors": {}, "anchors_init": {}, "real": {}},
         "subspace": {},
         "cone": {"fda": {}, "fda_init": {}},
     }
@@ -269,22 +287,16 @@ def _analyze_block(
     for t in tasks:
         s = spectrum(real[t].tokens[layer])
         out["spectrum"]["real"][t] = _sig(s)
-        out["summary"]["real"][t] = {
-            "effective_rank": effective_rank(s),
-            "tail_energy": tail_energy(s, k),
-        }
-        real_basis[t] = top_subspace(real[t].tokens[layer], k)
+        out["summary"]["real"][t] = _summary(s, k)
+        real_basis[t] = top_subspace(real[t].tokens[layer], k).to(block.device)
     initial = {label: _initial(a, block, params) for label, a in sets.items()}
     for label, a in sets.items():
         spectra = {t: spectrum(a.anchors[i]) for i, t in enumerate(tasks)}
-        out["spectrum"]["anchors_init"][label] = _sig(
-            torch.stack([spectrum(x) for x in initial[label]]).mean(0)
-        )
+        start = {t: spectrum(initial[label][i]) for i, t in enumerate(tasks)}
         out["spectrum"]["anchors"][label] = {t: _sig(s) for t, s in spectra.items()}
-        out["summary"]["anchors"][label] = {
-            t: {"effective_rank": effective_rank(s), "tail_energy": tail_energy(s, k)}
-            for t, s in spectra.items()
-        }
+        out["spectrum"]["anchors_init"][label] = _sig(torch.stack(list(start.values())).mean(0))
+        out["summary"]["anchors"][label] = {t: _summary(s, k) for t, s in spectra.items()}
+        out["summary"]["anchors_init"][label] = {t: _summary(s, k) for t, s in start.items()}
         path = _trajectory(a, initial[label])
         out["subspace"][label] = {
             "steps": list(path),
@@ -297,7 +309,7 @@ def _analyze_block(
     found = {label: targets(block, params, a) for label, a in sets.items()}
     out["cone"] |= {"held_out_real": {}, "task_vector": {}, "random": {}}
     for i, t in enumerate(tasks):
-        x = real[t].windows[layer]
+        x = real[t].windows[layer].to(block.device)
         with torch.no_grad():
             y = block.forward(experts[t], x)
         parts = settings.cone_batches + 1  # the last batch is held out, as a ceiling
@@ -319,7 +331,7 @@ def _analyze_block(
             )
         tau = flat(experts[t]) - flat(theta0)
         out["cone"]["task_vector"][t] = cone.energy(tau)
-        out["cone"]["random"][t] = cone.energy(torch.randn(tau.shape, generator=g))
+        out["cone"]["random"][t] = cone.energy(torch.randn(tau.shape, generator=g).to(tau))
     return out
 
 
@@ -330,10 +342,12 @@ def analyze(
     settings: AnalysisSettings = AnalysisSettings(),
     *,
     blocks: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
     echo: Callable[[str], None] = log.info,
 ) -> Result:
-    """Analyse the anchor folders against ``sources`` (see the module docstring); with ``out``,
-    write the three plots and ``fda-analysis.json`` there. Returns the JSON's content."""
+    """Analyse the anchor folders against ``sources`` (see the module docstring) with the
+    encoder and blocks on ``device``; with ``out``, write the three plots and
+    ``fda-analysis.json`` there. Returns the JSON's content."""
     from taskvec.bench.encoder import load_encoder
 
     begin = time.perf_counter()
@@ -354,9 +368,9 @@ def analyze(
             "the analysis needs (anchors, tokens, hidden) anchors with one "
             "token count across folders (an encoder family)"
         )
-    fda = FDA(sources.base, {t: sources.experts[t] for t in tasks})
+    fda = FDA(sources.base, {t: sources.experts[t] for t in tasks}, device)
     picked = list(range(fda.blocks.num_blocks)) if blocks is None else list(blocks)
-    encoder = load_encoder(sources.base, sources.base)
+    encoder = load_encoder(sources.base, sources.base).to(fda.device)
     real = {
         t: real_inputs(encoder, sources.ids[t], sources.pad_id, picked, window, seed=settings.seed)
         for t in tasks
@@ -385,13 +399,13 @@ def analyze(
         "per_block": {},
     }
     for layer in picked:
-        block = fda.blocks.block(layer)
+        block = fda.blocks.block(layer, fda.device)
         sets = {
-            label: AnchorSet.load(anchor_file(f, layer))
+            label: _load(anchor_file(f, layer), fda.device)
             for label, f in zip(labels, folders, strict=True)
         }
-        theta0 = block.read(fda.base)
-        experts = {t: block.read(fda.experts[t]) for t in tasks}
+        theta0 = block.read(fda.base, device=fda.device)
+        experts = {t: block.read(fda.experts[t], device=fda.device) for t in tasks}
         start = time.perf_counter()
         done = _analyze_block(block, theta0, experts, sets, real, settings)
         result["per_block"][str(layer)] = done

@@ -312,6 +312,7 @@ def analyze(
     seed: int,
     threads: int | None,
     out: Path,
+    device: str,
 ) -> None:
     """Spectrum, alignment with real inputs over optimisation, and cone energy of the anchors
     (the FDA paper's three observations), against the benchmark's training data."""
@@ -322,5 +323,7 @@ def analyze(
     settings = analysis.AnalysisSettings(rank, cone_batches, seed)
     sources = analysis.benchmark_sources(benchmark, real_examples)
     picked = [int(b) for b in blocks.split(",")] if blocks else None
-    result = analysis.analyze(sources, anchor_dirs, out, settings, blocks=picked, echo=click.echo)
+    result = analysis.analyze(
+        sources, anchor_dirs, out, settings, blocks=picked, device=device, echo=click.echo
+    )
     click.echo(f"wrote {', '.join(analysis.FILES)} to {out} ({result['seconds']:.0f} s)")
