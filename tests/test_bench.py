@@ -776,3 +776,6 @@ def test_fda_rows_and_cost_curve_on_the_toy_bench(
     assert [p["steps"] for p in curve][0] == 0 and curve[-1]["steps"] == 6
     assert all(0 <= p["normalized"] <= 2 for p in curve)
     assert json.loads(out.read_text())["fda_cost_curve"] == curve
+    table = out.with_suffix(".md").read_text()
+    assert "| fda_ta_weight |" in table and "construction steps" in table
+    assert (tmp_path / "fda-fda-cost.png").read_bytes()[:4] == b"\x89PNG"

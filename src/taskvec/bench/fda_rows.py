@@ -122,7 +122,8 @@ class FdaBench:
         row = summary_row(test, self.bench.built.reference("test"))
         row.update(
             method="fda",
-            parameters={"init": spec.init, "start": spec.start, **_settings()},
+            parameters={"init": spec.init, "start": spec.start},
+            settings=_settings(),
             start_normalized=self._start_score(spec.start),
             seconds=round(construct_seconds + adapt_seconds, 1),
             cost={

@@ -145,7 +145,71 @@ def markdown(data: Mapping[str, Any]) -> str:
     negation = data.get("negation")
     if negation:
         lines += ["", negation_markdown(negation, tasks)]
+    fda = fda_markdown(data)
+    if fda:
+        lines += ["", fda]
     return "\n".join(lines) + "\n"
+
+
+def fda_markdown(data: Mapping[str, Any]) -> str:
+    """FDA rows next to their starting points, and the accuracy-vs-cost curve."""
+    rows = [(k, r) for k, r in data["merges"].items() if r.get("method") == "fda"]
+    lines: list[str] = []
+    if rows:
+        lines += [
+            "| FDA row | start (normalised) | FDA (normalised ± se) | change | construct s "
+            "| adapt s | peak RSS GB |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for label, r in rows:
+            start = r.get("start_normalized")
+            change = "" if start is None else f"{r['normalized'] - start:+.3f}"
+            cost = r.get("cost", {})
+            lines.append(
+                f"| {label} | {'θ0' if start is None else f'{start:.3f}'} | "
+                f"{r['normalized']:.3f} ± {r['normalized_stderr']:.3f} | {change} | "
+                f"{cost.get('construct_seconds', 0):.0f} | {cost.get('adapt_seconds', 0):.0f} | "
+                f"{cost.get('peak_rss_gb', 0):.2f} |"
+            )
+    curve = data.get("fda_cost_curve")
+    if curve:
+        lines += [
+            "",
+            "| FDA from θ0: construction steps | construct s | adapt s | normalised (test) |",
+            "|--:|--:|--:|--:|",
+        ]
+        lines += [
+            f"| {p['steps']} | {p['construct_seconds']:.0f} | {p['adapt_seconds']:.0f} "
+            f"| {p['normalized']:.3f} |"
+            for p in curve
+        ]
+    return "\n".join(lines)
+
+
+def fda_cost_chart(curve: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Normalised test accuracy of FDA from θ0 against construction + adaptation time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = [p["construct_seconds"] + p["adapt_seconds"] for p in curve]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(seconds, [p["normalized"] for p in curve], "o-", color="#3b75af")
+    for x, p in zip(seconds, curve, strict=True):
+        ax.annotate(
+            f"{p['steps']} steps",
+            (x, p["normalized"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, -10),
+        )
+    ax.set_xlabel("CPU seconds: anchor construction + adaptation (all 6 blocks)")
+    ax.set_ylabel("normalised test accuracy")
+    ax.set_title("FDA from θ0: accuracy vs cost", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def negation_markdown(negation: Mapping[str, Any], tasks: Sequence[str]) -> str:
@@ -208,4 +272,8 @@ def write_reports(data: Mapping[str, Any], json_path: Path) -> tuple[Path, Path]
     md.write_text(title + note + markdown(data))
     png = json_path.with_suffix(".png")
     chart(data, png)
+    if data.get("fda_cost_curve"):
+        fda_cost_chart(
+            data["fda_cost_curve"], json_path.with_name(f"{json_path.stem}-fda-cost.png")
+        )
     return md, png
