@@ -183,8 +183,8 @@ def run_cmd(
         for s in have:
             grid = ", ".join(f"{k} in {list(v)}" for k, v in s.grid.items()) or "no grid"
             click.echo(f"{s.label:<18} {s.method:<18} {dict(s.parameters)}  {grid}")
-        for label in SPECIALS:
-            click.echo(f"{label:<18} (not one merge: see `taskvec bench run --help`)")
+        for label, what in SPECIALS.items():
+            click.echo(f"{label:<18} {what}")
         for line in missing:
             click.echo(f"cannot run: {line}")
         return

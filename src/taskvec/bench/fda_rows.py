@@ -52,6 +52,9 @@ class FdaRow:
     def label(self) -> str:
         return f"{PREFIX}{self.start}_{self.init}"
 
+    def describe(self) -> str:
+        return f"FDA from {self.start}, {self.init} anchors"
+
     @classmethod
     def parse(cls, label: str) -> FdaRow:
         start, init = label[len(PREFIX) :].rsplit("_", 1)

@@ -18,7 +18,7 @@ from taskvec.bench.emr_row import LABEL as EMR_LABEL
 from taskvec.bench.emr_row import run_emr
 from taskvec.bench.fda_rows import CURVE as FDA_CURVE
 from taskvec.bench.fda_rows import LABELS as FDA_LABELS
-from taskvec.bench.fda_rows import FdaBench
+from taskvec.bench.fda_rows import FdaBench, FdaRow
 from taskvec.bench.harness import Bench
 from taskvec.bench.results import assemble, write_json, write_reports
 from taskvec.bench.sweeps import (
@@ -33,7 +33,11 @@ from taskvec.bench.sweeps import (
 )
 from taskvec.errors import TaskvecError
 
-SPECIALS = (EMR_LABEL, *FDA_LABELS, FDA_CURVE)
+SPECIALS: dict[str, str] = {
+    EMR_LABEL: "EMR-merging: each task scored with its own modulated model",
+    **{label: FdaRow.parse(label).describe() for label in FDA_LABELS},
+    FDA_CURVE: "FDA from θ0: test score vs construction steps",
+}
 
 
 def run_suite(
@@ -42,7 +46,7 @@ def run_suite(
     *,
     sweeps: Sequence[Sweep] = SWEEPS,
     negation: bool = True,
-    specials: Sequence[str] = SPECIALS,
+    specials: Sequence[str] = tuple(SPECIALS),
     update: bool = False,
     echo: Callable[[str], None] = click.echo,
 ) -> dict[str, Any]:
