@@ -38,7 +38,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-CHUNK_ELEMENTS = 1 << 22  # rows per job of elementwise work: 16 MiB of float32 per input
+# Rows per job of elementwise work: 4 MiB of float32 per input, so a job's buffers stay in the
+# CPU caches across its several elementwise passes (a 1.1B task arithmetic merge used ~35 % less
+# CPU on its arithmetic than with 16 MiB blocks, and took 4.5-5.8 s instead of 7.8-8.5 s).
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
