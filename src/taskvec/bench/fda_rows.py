@@ -1,11 +1,11 @@
 """The benchmark's FDA rows (Shi, Wen & Liu 2025): anchors built per block from every expert,
 then a model adapted on them, from θ0 or from a merge, scored like every other row.
 
-Rows ``fda_<start>_<init>``: start ∈ base, ta (task arithmetic, λ = 0.3, the TA row's choice),
-tsv (α = 1) and wudi (its defaults) — the configurations the TA/TSV/WUDI rows use — and init ∈
-gauss, weight. Each row records its starting point's score on the same splits, so "FDA at or above
-its starting point" can be read off the row. Anchors are built once per init (cached under the
-benchmark's cache) and shared by the rows.
+Rows ``fda_<start>_<init>``: start ∈ base, ta, tsv, wudi, and init ∈ gauss, weight. A merged
+start is exactly the benchmark's TA / TSV / WUDI row: its sweep (coefficient chosen on
+validation, every score cached) gives the config, and its test score is recorded in the FDA row
+as ``start_normalized``, so "FDA at or above its starting point" can be read off the row.
+Anchors are built once per init (cached under the benchmark's cache) and shared by the rows.
 
 The cost curve (:meth:`FdaBench.cost_curve`) adapts from θ0 on the anchors as they were after
 k construction steps (every other snapshot kept while building, plus the final anchors), and
@@ -25,19 +25,20 @@ from typing import Any
 from taskvec.bench.evaluate import EvalResult
 from taskvec.bench.harness import Bench
 from taskvec.bench.results import summary_row
+from taskvec.bench.sweeps import SWEEPS, run_sweep
 from taskvec.fda.adapt import AdaptSettings
 from taskvec.fda.anchors import AnchorSet, AnchorSettings
 from taskvec.fda.pipeline import FDA, Start, anchor_file
 
 PREFIX = "fda_"
 INITS = ("gauss", "weight")
-STARTS: dict[str, dict[str, Any] | None] = {
+STARTS: dict[str, str | None] = {
     "base": None,
-    "ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.3}},
-    "tsv": {"merge_method": "tsv", "parameters": {"alpha": 1.0}},
-    "wudi": {"merge_method": "wudi", "parameters": {}},
+    "ta": "task_arithmetic",
+    "tsv": "tsv",
+    "wudi": "wudi",
 }
-LABELS = tuple(f"{PREFIX}{s}_{i}" for s in STARTS for i in INITS)
+LABELS = tuple(f"{PREFIX}{s}_{i}" for i in INITS for s in STARTS)
 CURVE = "fda_cost_curve"
 ANCHORS = AnchorSettings(anchors=64, steps=200, snapshots=8)
 ADAPT = AdaptSettings()
@@ -89,16 +90,21 @@ class FdaBench:
             for i in range(self.fda.blocks.num_blocks)
         )
 
-    def start(self, name: str) -> Start:
-        config = STARTS[name]
-        if config is None:
-            return Start()
-        if config["merge_method"] == "task_arithmetic":
-            return Start("task_arithmetic", float(config["parameters"]["lambda"]))
+    def start(self, name: str) -> tuple[Start, float | None, dict[str, Any] | None]:
+        """The starting point of ``name``, its normalised test score and its config."""
+        label = STARTS[name]
+        if label is None:
+            return Start(), None, None
+        sweep = next(s for s in SWEEPS if s.label == label)
+        outcome = run_sweep(self.bench, sweep)
+        config = sweep.config(outcome.chosen)
+        score = round(outcome.test.normalized, 4)
+        if sweep.method == "task_arithmetic":
+            return Start("task_arithmetic", float(outcome.chosen["lambda"])), score, config
         out = self.work / f"start-{name}"
         if not (out / "config.json").exists():
-            self.bench.merge({**config, "base_model": "base", "models": "experts"}, out)
-        return Start("model", 1.0, out)
+            self.bench.merge(config, out)
+        return Start("model", 1.0, out), score, config
 
     def score(self, model: Path) -> EvalResult:
         return self.bench.evaluate(model, split="test", label=model.name)
@@ -114,7 +120,7 @@ class FdaBench:
         """Build (or reuse) the anchors, adapt, score: the results-JSON entry of ``label``."""
         spec = FdaRow.parse(label)
         folder = self.anchors(spec.init)
-        start = self.start(spec.start)
+        start, start_score, start_config = self.start(spec.start)
         out = self.work / label
         try:
             adapt_seconds = self.adapt(folder, start, out)
@@ -127,7 +133,7 @@ class FdaBench:
             method="fda",
             parameters={"init": spec.init, "start": spec.start},
             settings=_settings(),
-            start_normalized=self._start_score(spec.start),
+            start_normalized=start_score,
             seconds=round(construct_seconds + adapt_seconds, 1),
             cost={
                 "construct_seconds": round(construct_seconds, 1),
@@ -138,21 +144,13 @@ class FdaBench:
                 "rule": "no coefficient chosen: FDA's settings are fixed in advance (the "
                 "reference's adaptation settings; 64 anchors and 200 construction steps per "
                 "block instead of 1200, see the cost curve); scored on test",
-                "start": STARTS[spec.start],
+                "start": start_config,
             },
         )
         self.echo(
             f"  {label}: test normalised {row['normalized']:.4f} (start {row['start_normalized']})"
         )
         return row
-
-    def _start_score(self, name: str) -> float | None:
-        """The starting merge's normalised test score (the harness caches it by config)."""
-        config = STARTS[name]
-        if config is None:
-            return None
-        run = self.bench.run({**config, "base_model": "base", "models": "experts"})
-        return round(run.normalized, 4)
 
     def cost_curve(self, init: str = "gauss") -> list[dict[str, Any]]:
         """Test score of FDA from θ0 on the anchors after k construction steps, vs time."""
