@@ -3,7 +3,7 @@
 The numpy functions below transcribe the published algorithms (shared/notes/methods.md §2.11,
 §2.12) step by step, as the reference code lays them out: full SVDs, the top-k blocks placed
 in zero-padded r-column matrices, and polar factors P Qᵀ from a second SVD. They share no code
-with ``taskvec.methods.spectral``, which truncates, randomises and orthogonalises through Gram
+with ``taskvec.methods.spectral``, which truncates and orthogonalises through Gram
 eigendecompositions instead. Inputs are low-rank task vectors plus a small full-rank part, so
 every singular value is clearly non-zero and the reference is well defined.
 """
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from taskvec.errors import ConfigError
 from taskvec.merge import merge as tv_merge
-from taskvec.methods.spectral import iso_cts_split, polar
+from taskvec.methods.spectral import iso_cts_split, polar, polar_extend
 
 SETTINGS = settings(
     max_examples=15,
@@ -186,9 +186,10 @@ def test_iso_cts_split_matches_the_reference_rounding() -> None:
 
 
 @pytest.mark.parametrize("name", SPECTRAL)
-def test_golden_float32_path(name: str) -> None:
-    """Matrices above SMALL_NUMEL are decomposed in float32 (as the reference code does)."""
-    base, xs = decaying(4, (280, 240), seed=1, power=1.0)
+@pytest.mark.parametrize("shape", [(280, 240), (240, 280)])
+def test_golden_float32_path(name: str, shape: tuple[int, int]) -> None:
+    """Matrices above SMALL_NUMEL are float32, decomposed through float64 Gram matrices."""
+    base, xs = decaying(4, shape, seed=1, power=1.0)
     got = call(name, xs, base)
     want = NUMPY[name](xs, base)
     assert np.linalg.norm(got - want) / np.linalg.norm(want - base) < 1e-4
@@ -280,6 +281,36 @@ def test_polar_factor(m: int, p: int, rank: int, seed: int, dtype: torch.dtype) 
     want = u[:, keep] @ vt[keep]
     np.testing.assert_allclose(got, want, atol=2e-4 if dtype == torch.float32 else 1e-8)
     np.testing.assert_allclose(got @ got.T @ got, got, atol=1e-3)
+
+
+def orthonormal(rng: np.random.Generator, m: int, p: int) -> np.ndarray:
+    return np.linalg.qr(rng.normal(size=(m, p)))[0]
+
+
+@SETTINGS
+@given(
+    m=st.integers(2, 40),
+    a=st.integers(0, 20),
+    b=st.integers(0, 20),
+    overlap=st.sampled_from([0.0, 0.5, 1.0]),
+    rank=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_polar_extend(m, a, b, overlap, rank, seed, dtype) -> None:
+    """polar([A | B]) for orthonormal (float64) A, through the small problem, equals the direct
+    one, also when B lies partly in span(A) or is rank-deficient (float64: to 1e-6, as the
+    small problem is a Gram matrix and squares the condition number)."""
+    a, b = min(a, m), min(b, m - min(a, m))
+    rng = np.random.default_rng(seed)
+    left = orthonormal(rng, m, a)
+    right = rng.normal(size=(m, min(rank, b))) @ rng.normal(size=(min(rank, b), b))
+    right += overlap * left @ rng.normal(size=(a, b))
+    got = polar_extend(torch.tensor(left), torch.tensor(right, dtype=dtype))
+    want = polar(torch.tensor(np.concatenate([left, right], 1), dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(
+        got.double().numpy(), want, atol=1e-4 if dtype == torch.float32 else 1e-6
+    )
 
 
 @SETTINGS

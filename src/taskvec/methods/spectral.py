@@ -6,22 +6,26 @@ convolutions) gets ``θ₀ + α · mean(τᵢ)``.
 
 Linear algebra (exactness first, then speed):
 
-* Matrices with at most :data:`SMALL_NUMEL` entries are decomposed in float64, larger ones in
-  float32 (as the reference implementations do); results come back in the input dtype.
-* The per-task decompositions use the exact thin SVD (LAPACK / cuSOLVER), truncated to the
-  top ``k`` triplets. A randomised range finder was measured and rejected: TSV and Iso-CTS
-  weigh every kept singular *vector* equally once the factors are orthogonalised (TSV's V̂ is
-  nearly square, since T·⌊r/T⌋ ≈ r; Iso-CTS flattens the spectrum), so each vector must be
-  accurate, not just the rank-k term. With k = r/3 (or r/15 for Iso-CTS) and decaying
-  spectra, subspace iteration with 2–4 power steps reaches a 1e-4 residual on the rank-k term
-  but only 1e-2–1e-1 per-vector residuals near the cut, which moved a TSV merge by 15%
-  (``benchmarks/results/spectral-minilm.md``), and it is no faster than exact once it must
-  fall back.
-* :func:`polar` computes the nearest orthonormal-column matrix (the polar factor ``P Qᵀ`` of
-  ``X = P Σ Qᵀ``) as ``X (XᵀX)^{-1/2}`` from a float64 eigendecomposition of the small Gram
-  matrix when ``X`` is clearly tall (at most 0.75 columns per row) and ``XᵀX`` is well
-  conditioned (λ_min/λ_max ≥ 1e-4 in float32, so the orthogonality error stays
-  ≲ ε·√(λ_max/λ_min) ≈ 1e-5), and from an exact SVD otherwise.
+* Matrices with at most :data:`SMALL_NUMEL` entries are decomposed in float64 by exact SVDs.
+  Larger ones are float32 (as in the reference implementations), and every decomposition of
+  them goes through the **float64 eigendecomposition of the Gram matrix on the short side**
+  (``a aᵀ`` or ``aᵀ a``, accumulated in float64 by row blocks): the top singular triplets are
+  ``s = √λ``, the eigenvectors, and the other side ``a v / s`` (float64). This is exact, not an
+  approximation: the Gram's eigenvalues carry an absolute error ≈ n·ε₆₄·σ₁², so every kept
+  triplet (σ > max(m, n)·ε₃₂·σ₁ ≈ 1e-4·σ₁, the float32 rank cut) is at least as accurate as
+  the float32 SVD's (on the 1.1B benchmark tensors TSV's error against float64 SVDs drops from
+  1.9e-5 to 1.1e-6), and it costs one Gram product and one eigendecomposition instead of a
+  bidiagonal SVD (as fast for square matrices, ≈ 1.5× faster for 5632×2048 on one CPU core;
+  ``benchmarks/results/spectral-1b.md``). A randomised range finder was measured and
+  rejected: TSV and Iso-CTS weigh every kept singular *vector* equally once the factors are
+  orthogonalised, and near the cut-off its vectors moved a TSV merge by 15%
+  (``benchmarks/results/spectral-minilm.md``).
+* :func:`polar` computes the nearest orthonormal-column matrix (``P Qᵀ`` of ``x = P Σ Qᵀ``)
+  as ``x (xᵀx)^{-1/2}`` from the same float64 Gram eigendecomposition (float32 matrices; the
+  product with ``(xᵀx)^{-1/2}`` is taken in float64 when λ_min/λ_max < 1e-4, where float32
+  would lose orthogonality) and by SVD for float64 ones. :func:`polar_extend` handles
+  ``[A | B]`` with orthonormal ``A`` (Iso-CTS's common subspace) through a small
+  2·cols(B)-sized eigenproblem, since ``[A | B]ᵀ[A | B] − I`` has rank ≤ 2·cols(B).
 * Degenerate inputs are made deterministic: singular triplets whose singular value is
   numerically zero (below ``max(m, n) · ε · σ₁``, numpy's rank tolerance) are dropped, and the
   polar factor of a rank-deficient matrix (singular values below ``2 √max(m, p) · ε · σ₁``,
@@ -33,7 +37,7 @@ Linear algebra (exactness first, then speed):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -42,11 +46,11 @@ from taskvec.methods.registry import merge_method
 
 SMALL_NUMEL = 1 << 16
 """Matrices with at most this many entries are decomposed in float64."""
-POLAR_COND = {torch.float32: 1e-4, torch.float64: 1e-12}
-"""Smallest λ_min/λ_max of XᵀX for which :func:`polar` uses the Gram eigendecomposition."""
-POLAR_GRAM_MAX_ASPECT = 0.75
-"""Nearly square factors (p > 0.75·m columns) go straight to the SVD: TSV's short-side factor
-has T·⌊r/T⌋ ≈ r columns, so its Gram matrix is almost always too ill-conditioned anyway."""
+POLAR_F32_APPLY = 1e-4
+"""Smallest λ_min/λ_max of xᵀx for which :func:`polar` applies (xᵀx)^{-1/2} in float32 (the
+orthogonality error is then ≲ ε₃₂·√(λ_max/λ_min) ≈ 1e-5); below it, in float64."""
+BLOCK_ELEMENTS = 1 << 22
+"""Rows are converted to float64 in blocks of about this many entries (32 MiB)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,19 +112,92 @@ def _tol(shape: tuple[int, ...], dtype: torch.dtype) -> float:
     return max(shape) * torch.finfo(dtype).eps
 
 
-def _keep(
-    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, cut: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    keep = s > cut
-    if bool(keep.all()):
-        return u, s, v
-    return u[:, keep], s[keep], v[:, keep]
+def _row_blocks(*mats: torch.Tensor) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """The same rows of each matrix, as float64 blocks of about BLOCK_ELEMENTS entries."""
+    step = max(1, BLOCK_ELEMENTS // max(max(x.shape[1] for x in mats), 1))
+    for r in range(0, mats[0].shape[0], step):
+        rows = slice(r, r + step)
+        yield rows, [x[rows].double() for x in mats]
+
+
+def cross64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aᵀ b in float64, accumulated over row blocks (bounded extra memory)."""
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
+    for _, blocks in _row_blocks(a) if b is a else _row_blocks(a, b):
+        out.addmm_(blocks[0].mT, blocks[-1])
+    return out
+
+
+def matmul64(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b computed in float64 (``b`` float64) by row blocks of ``a``, returned in ``dtype``."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=dtype)
+    for rows, (blk,) in _row_blocks(a):
+        out[rows] = blk @ b
+    return out
 
 
 def exact_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``a = U diag(s) Vᵀ`` (V returned with singular vectors as columns)."""
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u, s, vh.mT
+
+
+def left_spectrum(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All m left singular vectors and values of ``a`` (m ≤ n), descending, in float64 for
+    float32 ``a`` (from the eigendecomposition of a aᵀ; V is then not formed: None) and by
+    exact SVD (V included) for float64 ``a``."""
+    if a.dtype == torch.float64:
+        return exact_svd(a)
+    lam, w = torch.linalg.eigh(cross64(a.mT, a.mT))
+    return w.flip(1), lam.flip(0).clamp_min_(0).sqrt_(), None
+
+
+def top_triplets(
+    a: torch.Tensor, k: int, ref: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k singular triplets ``U (m×k), s, V (n×k)`` of ``a``, in ``a``'s dtype, without
+    the numerically zero ones (σ ≤ max(m, n)·ε·ref, ref = σ₁ by default); exact (see the
+    module docstring): the other side is ``aᵀ U / s`` in float64."""
+    m, n = a.shape
+    if min(k, m, n) <= 0:
+        return a.new_zeros(m, 0), a.new_zeros(0), a.new_zeros(n, 0)
+    if m > n:
+        v, s, u = top_triplets(a.mT, k, ref)
+        return u, s, v
+    u, s, v = left_spectrum(a)
+    top = float(s[0]) if ref is None else ref
+    kept = int((s[:k] > _tol((m, n), a.dtype) * top).sum())
+    u, s = u[:, :kept], s[:kept]
+    if v is None:
+        v = matmul64(a.mT, u / s, a.dtype)
+    return u.to(a.dtype), s.to(a.dtype), v[:, :kept].clone()
+
+
+def _polar(
+    x: torch.Tensor, tol: float, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(polar factor of x (m×p, p ≤ m), its p singular values descending), directions with
+    σ ≤ tol·σ₁ left out of the factor; ``gram`` is xᵀx in float64 when already known."""
+    if x.dtype == torch.float64:
+        u, s, v = exact_svd(x)
+        kept = int((s > tol * float(s[0])).sum()) if float(s[0]) > 0 else 0
+        return u[:, :kept] @ v[:, :kept].mT, s
+    lam, w = torch.linalg.eigh(cross64(x, x) if gram is None else gram)
+    s = lam.flip(0).clamp_min(0).sqrt()
+    keep = lam > tol**2 * float(lam[-1])
+    if not bool(keep.any()):
+        return torch.zeros_like(x), s
+    w, lam = w[:, keep], lam[keep]
+    core = (w * lam.rsqrt()) @ w.mT
+    if float(lam[0]) >= POLAR_F32_APPLY * float(lam[-1]):
+        return x @ core.to(x.dtype), s
+    return matmul64(x, core, x.dtype), s
+
+
+def _polar_tol(shape: tuple[int, int], dtype: torch.dtype) -> float:
+    # Only exact rank deficiency (repeated or zero columns) is cut here, at ~rounding level:
+    # a nearly square factor can have genuine σ_min/σ_max near 1/m, which the reference keeps.
+    return 2 * math.sqrt(max(shape)) * torch.finfo(dtype).eps
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
@@ -131,23 +208,47 @@ def polar(x: torch.Tensor) -> torch.Tensor:
         return x
     if p > m:
         return polar(x.mT).mT
-    if p <= POLAR_GRAM_MAX_ASPECT * m:
-        x64 = x.double()
-        lam, w = torch.linalg.eigh(x64.mT @ x64)
-        top = float(lam[-1])
-        if top <= 0:
-            return torch.zeros_like(x)
-        if float(lam[0]) >= POLAR_COND.get(x.dtype, 1e-4) * top:
-            core = (w * lam.rsqrt()) @ w.mT
-            return x @ core.to(x.dtype)
-    u, s, v = exact_svd(x)
-    if float(s[0]) == 0:
-        return torch.zeros_like(x)
-    # Only exact rank deficiency (repeated or zero columns) is cut here, at ~rounding level:
-    # a nearly square factor can have genuine σ_min/σ_max near 1/m, which the reference keeps.
-    cut = 2 * math.sqrt(max(m, p)) * torch.finfo(x.dtype).eps * float(s[0])
-    u, s, v = _keep(u, s, v, cut)
-    return u @ v.mT
+    return _polar(x, _polar_tol((m, p), x.dtype))[0]
+
+
+def polar_extend(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """polar([A | B]) in B's dtype, for A (n×a) with orthonormal columns, through a (q+b)-sized
+    problem. A's rounding error (ε of its dtype) is an error of that size in the eigenvalues
+    below, so directions with smaller ones count as null: pass A in float64 where [A | B] may
+    be nearly rank-deficient.
+
+    With C = AᵀB = Q R (Q: a×q, q = min(a, b)) and D = BᵀB − I, [A | B]ᵀ[A | B] = I + E where
+    E = [[0, C], [Cᵀ, D]] = Z S Zᵀ, Z = diag(Q, I_b), S = [[0, R], [Rᵀ, D]]. With S = Y μ Yᵀ,
+    (I + E)^{-1/2} = I + Z Y diag((1 + μ)^{-1/2} − 1) Yᵀ Zᵀ (directions with 1 + μ at rounding
+    level get factor 0: the partial isometry), so polar([A | B]) = [A | B] + [AQ | B] K Zᵀ with
+    K = Y diag(…) Yᵀ; all in float64, by row blocks.
+    """
+    if b.shape[1] == 0:
+        return a.to(b.dtype)
+    if a.shape[1] == 0:
+        return polar(b)
+    na, nb = a.shape[1], b.shape[1]
+    q, r = torch.linalg.qr(cross64(a, b))
+    d = cross64(b, b)
+    d.diagonal().sub_(1.0)
+    nq = q.shape[1]
+    small = torch.zeros(nq + nb, nq + nb, dtype=torch.float64)
+    small[:nq, nq:] = r
+    small[nq:, :nq] = r.mT
+    small[nq:, nq:] = d
+    mu, y = torch.linalg.eigh(small)
+    lam = mu + 1.0
+    top = max(1.0, float(lam[-1]))
+    cut = _polar_tol((a.shape[0], na + nb), b.dtype) ** 2 * top
+    cut += 0.0 if a.dtype == torch.float64 else 4 * math.sqrt(na) * torch.finfo(a.dtype).eps * top
+    scale = torch.where(lam > cut, lam.clamp_min(cut).rsqrt(), torch.zeros_like(lam)) - 1.0
+    k = (y * scale) @ y.mT
+    out = torch.empty(a.shape[0], na + nb, dtype=b.dtype)
+    for rows, (ab, bb) in _row_blocks(a, b):
+        corr = torch.cat([ab @ q, bb], 1) @ k
+        out[rows, :na] = ab.addmm_(corr[:, :nq], q.mT)
+        out[rows, na:] = bb.add_(corr[:, nq:])
+    return out
 
 
 def _alpha(alpha: float) -> float:
@@ -162,40 +263,28 @@ def _alpha(alpha: float) -> float:
 
 
 def _top_each(
-    mats: Callable[[int], torch.Tensor],
-    t: int,
-    shape: tuple[int, int],
-    k: int,
-    refs: list[float] | None = None,
+    mats: Callable[[int], torch.Tensor], t: int, k: int, refs: list[float] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top-k triplets of each of the ``t`` matrices ``mats(i)`` (exact SVDs, one at a
-    time so that only the kept columns stay in memory), numerically zero ones dropped,
-    concatenated: U (m × Σkᵢ), s (Σkᵢ), V (n × Σkᵢ)."""
-    m, n = shape
-    k = min(k, m, n)
+    """The top-k triplets of each of the ``t`` matrices ``mats(i)`` (one at a time, so that only
+    the kept columns stay in memory), numerically zero ones dropped, concatenated:
+    U (m × Σkᵢ), s (Σkᵢ), V (n × Σkᵢ)."""
     us, ss, vs = [], [], []
-    for i in range(t if k > 0 else 0):
-        a = mats(i)
-        u, s, v = exact_svd(a)
-        top = float(s[0]) if refs is None else refs[i]
-        u, s, v = _keep(u[:, :k], s[:k], v[:, :k], _tol((m, n), a.dtype) * top)
-        us.append(u.clone())
-        ss.append(s.clone())
-        vs.append(v.clone())
-        del a, u, s, v
-    if not us:
-        like = mats(0)
-        return like.new_zeros(m, 0), like.new_zeros(0), like.new_zeros(n, 0)
+    for i in range(t):
+        u, s, v = top_triplets(mats(i), k, None if refs is None else refs[i])
+        us.append(u)
+        ss.append(s)
+        vs.append(v)
     return torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
 
 
 def tsv_delta(tasks: Tasks) -> torch.Tensor:
     """The TSV-M merged task matrix."""
     m, n = tasks.shape
-    u, s, v = _top_each(tasks, tasks.t, (m, n), min(m, n) // tasks.t)
+    u, s, v = _top_each(tasks, tasks.t, min(m, n) // tasks.t)
     if s.numel() == 0:
         return tasks.base.new_zeros(m, n)
-    return (polar(u) * s) @ polar(v).mT
+    u = polar(u).mul_(s)
+    return u @ polar(v).mT
 
 
 @merge_method(
@@ -234,15 +323,13 @@ def tsv(
 
 
 def iso_c_delta(tasks: Tasks) -> torch.Tensor:
-    """σ̄ · U Vᵀ for the SVD U diag(σ) Vᵀ of Σᵢ τᵢ."""
+    """σ̄ · U Vᵀ for the SVD U diag(σ) Vᵀ of Σᵢ τᵢ: σ̄ times its polar factor."""
     total, _ = tasks.total_and_norms()
-    u, s, v = exact_svd(total)
-    sigma = s.mean()
-    if float(s[0]) == 0.0:
-        return torch.zeros_like(total)
-    u, s, v = _keep(u, s, v, _tol(tuple(total.shape), total.dtype) * float(s[0]))
-    del total
-    return (u @ v.mT).mul_(sigma)
+    x = total if total.shape[0] >= total.shape[1] else total.mT
+    factor, s = _polar(x, _tol(tuple(x.shape), x.dtype))
+    del total, x
+    factor = factor if tasks.shape[0] >= tasks.shape[1] else factor.mT
+    return factor.mul_(float(s.sum()) / s.numel())
 
 
 def iso_cts_split(r: int, t: int, fraction: float) -> tuple[int, int]:
@@ -255,33 +342,42 @@ def iso_cts_split(r: int, t: int, fraction: float) -> tuple[int, int]:
     return r - per_task * t, per_task
 
 
-def _remove(tau: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """τ − U Uᵀ τ."""
-    return tau - u @ (u.mT @ tau)
-
-
 def iso_cts_delta(tasks: Tasks, fraction: float) -> torch.Tensor:
-    """Common subspace of Σᵢ τᵢ plus task-specific subspaces, orthogonalised, flat spectrum."""
+    """Common subspace of Σᵢ τᵢ plus task-specific subspaces, orthogonalised, flat spectrum.
+
+    Σᵢ τᵢ is decomposed on its short side. With m ≤ n that gives all m left singular vectors,
+    so each τᵢ − U_c U_cᵀ τᵢ = U_⊥ (U_⊥ᵀ τᵢ) is decomposed through the small (m − k_c) × n
+    matrix U_⊥ᵀ τᵢ. The common factors are orthonormal (float64 eigenvectors; U_c = Σᵢ τᵢ V_c
+    / S_c in float32 when m > n), so the polar factors take :func:`polar_extend`.
+    """
     t, (m, n) = tasks.t, tasks.shape
     r = min(m, n)
     common, per_task = iso_cts_split(r, t, fraction)
     total, refs = tasks.total_and_norms()
-    u, s, v = exact_svd(total)
-    if float(s[0]) > 0:
-        u, s, v = _keep(
-            u[:, :common], s[:common], v[:, :common], _tol((m, n), u.dtype) * float(s[0])
-        )
+    dtype = total.dtype
+    short = total if m <= n else total.mT
+    x, s, y = left_spectrum(short)  # x: the short side's singular vectors (float64 if dtype is)
+    kept = int((s[:common] > _tol((m, n), dtype) * float(s[0])).sum())
+    xc, sc = x[:, :kept], s[:kept].to(dtype)
+    if y is None:  # the long side: float64 for V_c (m ≤ n), float32 for the large U_c (m > n)
+        yc = matmul64(short.mT, xc / s[:kept], torch.float64 if m <= n else dtype)
     else:
-        u, s, v = u[:, :0], s[:0], v[:, :0]
-    u, s, v = u.clone(), s.clone(), v.clone()  # release the full SVD and the sum
-    del total
-    ut, st, vt = _top_each(lambda i: _remove(tasks(i), u), t, (m, n), per_task, refs)
-    us, ss, vs = [u, ut], [s, st], [v, vt]
-    s_all = torch.cat(ss)
-    if s_all.numel() == 0:
-        return u.new_zeros(m, n)
-    sigma = s_all.sum() / r  # the mean over the r slots (dropped null directions count as 0)
-    return (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).mT).mul_(sigma)
+        yc = y[:, :kept].clone()
+    if m <= n:
+        uc, vc, rest = xc.clone(), yc, x[:, kept:].to(dtype)
+        del total, short, x, y
+        ut, st, vt = _top_each(lambda i: rest.mT @ tasks(i), t, per_task, refs)
+        ut = rest @ ut
+    else:
+        uc, vc = yc, xc.clone()
+        del total, short, x, y
+        ut, st, vt = _top_each(
+            lambda i: (tau := tasks(i)).addmm_(uc, uc.mT @ tau, alpha=-1), t, per_task, refs
+        )
+    sigma = float(sc.sum() + st.sum()) / r  # the mean over the r slots (dropped ones count 0)
+    if sigma == 0.0:
+        return tasks.base.new_zeros(m, n)
+    return (polar_extend(uc, ut) @ polar_extend(vc, vt).mT).mul_(sigma)
 
 
 _ISO_REFERENCE = (
