@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -262,7 +263,8 @@ def _summary(s: torch.Tensor, k: int) -> dict[str, float]:
 
 
 def _sig(values: torch.Tensor) -> list[float]:
-    return [float(f"{v:.4g}") for v in values.tolist()]
+    """Three significant digits (a spectrum, for plotting)."""
+    return [float(f"{v:.3g}") for v in values.tolist()]
 
 
 def _analyze_block(
@@ -442,8 +444,14 @@ def write(result: Result, folder: Path) -> list[Path]:
     plot_spectrum(result, paths[0])
     plot_subspace(result, paths[1])
     plot_cone(result, paths[2])
-    paths[3].write_text(json.dumps(result, indent=1) + "\n")
+    paths[3].write_text(_dumps(result) + "\n")
     return paths
+
+
+def _dumps(result: Result) -> str:
+    """Indented JSON with every list of numbers on one line."""
+    text = json.dumps(result, indent=1)
+    return re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 def _pyplot() -> Any:
@@ -490,7 +498,9 @@ def plot_spectrum(result: Result, path: Path) -> None:
             if row == len(labels) - 1:
                 ax.set_xlabel("index i", fontsize=7)
         axes[row][0].set_ylabel("s_i / s_1", fontsize=7)
-    axes[0][-1].legend(fontsize=6, title="solid: anchors\ndashed: real", title_fontsize=6)
+    axes[0][-1].legend(
+        fontsize=5.5, loc="lower left", title="solid: anchors\ndashed: real", title_fontsize=6
+    )
     _save(fig, plt, path)
 
 
@@ -512,6 +522,7 @@ def plot_subspace(result: Result, path: Path) -> None:
             )
         ax.axhline(result["random_overlap"], color="gray", ls=":", lw=1, label="random")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
         ax.set_title(f"block {layer}", fontsize=8)
         ax.set_xlabel("construction step", fontsize=7)
         ax.tick_params(labelsize=7)
@@ -565,5 +576,5 @@ def plot_cone(result: Result, path: Path) -> None:
         "updates (bars: mean over tasks, dots: tasks)",
         fontsize=8,
     )
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     _save(fig, plt, path)
