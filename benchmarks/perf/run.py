@@ -39,7 +39,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from compare_outputs import compare  # noqa: E402
 from make_models import ModelSpec, generate, model_names  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
@@ -105,6 +104,15 @@ def method_config(method: str, models: dict[str, Path], work_dtype: str) -> dict
 
 
 # --------------------------------------------------------------------------- measurement
+
+
+def compare_in_child(a: Path, b: Path, base: Path) -> dict[str, Any]:
+    """``compare_outputs.py`` in a child process. Loading two outputs here would raise this
+    process's peak RSS, and Linux carries a parent's ``ru_maxrss`` over fork and exec, so every
+    later child would report at least that much."""
+    script = HERE / "compare_outputs.py"
+    args = [sys.executable, str(script), str(a), str(b), "--base", str(base)]
+    return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
 
 
 @dataclass
@@ -717,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.check and rep == 0:
                     if all((outs[t] / "config.json").exists() for t in ("taskvec", "mergekit")):
                         print(f"comparing outputs of {method} ...", file=sys.stderr)
-                        c = compare(outs["taskvec"], outs["mergekit"], models["base"])
+                        c = compare_in_child(outs["taskvec"], outs["mergekit"], models["base"])
                         doc["checks"][f"{method}/{wd}"] = c
                         print(json.dumps(c), file=sys.stderr)
                     for out in outs.values():
