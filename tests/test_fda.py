@@ -324,3 +324,15 @@ def test_shape_mismatch_and_wrong_anchors_are_refused(
     with pytest.raises(IncompatibleError, match="are for tasks"):
         swapped.adapt(tmp_path / "anchors", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_are_refused_before_optimising(bert: Family) -> None:
+    from taskvec.errors import NumericError
+
+    block = BlockModel.open(bert.base).block(0)
+    broken = dict(bert.ft_sds[0])
+    name = block.checkpoint_names()["intermediate.dense.weight"]
+    broken[name] = broken[name].clone()
+    broken[name][0, 0] = float("nan")
+    with pytest.raises(NumericError, match="intermediate.dense.weight"):
+        block.read(broken)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from taskvec.errors import IncompatibleError
+from taskvec.errors import IncompatibleError, NumericError
 
 Params = dict[str, torch.Tensor]
 
@@ -105,7 +105,11 @@ class Block:
     ) -> Params:
         """This block's parameters from a lazy :class:`taskvec.Model` (or a state dict)."""
         get = model.__getitem__ if isinstance(model, Mapping) else model.tensor
-        return {n: get(c).to(device, dtype) for n, c in self.checkpoint_names().items()}
+        params = {n: get(c).to(device, dtype) for n, c in self.checkpoint_names().items()}
+        for n, p in params.items():
+            if not bool(torch.isfinite(p).all()):
+                raise NumericError(f"block {self.index}: tensor {n!r} holds NaN or Inf")
+        return params
 
 
 class BlockModel:
