@@ -336,3 +336,29 @@ def test_non_finite_weights_are_refused_before_optimising(bert: Family) -> None:
     broken[name][0, 0] = float("nan")
     with pytest.raises(NumericError, match="intermediate.dense.weight"):
         block.read(broken)
+
+
+def test_vit_blocks_run_like_the_model() -> None:
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=8,
+        patch_size=4,
+    )
+    torch.manual_seed(0)
+    hf = ViTModel(cfg).eval()
+    sd = {f"vit.{k}": v for k, v in hf.state_dict().items()}  # a classifier's prefix
+    bm = BlockModel(cfg.to_dict(), list(sd))
+    assert bm.num_blocks == 2 and bm.prefix == "vit."
+    block = bm.block(1)
+    fc1 = f"vit.{block.path}.mlp.fc1.weight"  # transformers 5 names; 4 has encoder.layer
+    assert block.checkpoint_names()["mlp.fc1.weight"] == fc1
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        want = hf.get_submodule(block.path)(x)
+        want = want[0] if isinstance(want, tuple) else want
+        torch.testing.assert_close(block.forward(block.read(sd), x), want)

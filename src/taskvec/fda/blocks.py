@@ -10,7 +10,8 @@ Supported families (``model_type`` in the config):
 
 - encoders — ``bert`` (MiniLM too), ``roberta``, ``xlm-roberta``: ``encoder.layer.<i>``, input
   (anchors, tokens, hidden), no attention mask (every token attends to every token);
-- ``vit``: ``encoder.layer.<i>``, input (anchors, tokens, hidden);
+- ``vit``: ``layers.<i>`` (``encoder.layer.<i>`` before transformers 5), input (anchors,
+  tokens, hidden);
 - Llama-style decoders — ``llama``, ``mistral``, ``qwen2``: only the MLP of each layer,
   ``layers.<i>.mlp``, input (anchors, hidden) (no sequence dimension), as FDA does for decoders.
 
@@ -39,15 +40,15 @@ class Family:
     """Where a model family keeps its blocks and what a block's input looks like."""
 
     name: str
-    blocks: str  # module path of the block list, relative to AutoModel's model
+    blocks: tuple[str, ...]  # module paths the block list may have (transformers versions differ)
     inner: str  # sub-module of each list entry that is the block ('' = the entry itself)
     has_tokens: bool  # inputs are (anchors, tokens, hidden); else (anchors, hidden)
     default_tokens: int
 
 
-_ENCODER = Family("encoder", "encoder.layer", "", True, 5)
-_VIT = Family("vit", "encoder.layer", "", True, 5)
-_DECODER_MLP = Family("decoder-mlp", "layers", "mlp", False, 1)
+_ENCODER = Family("encoder", ("encoder.layer",), "", True, 5)
+_VIT = Family("vit", ("layers", "encoder.layer"), "", True, 5)  # transformers 5 / 4 names
+_DECODER_MLP = Family("decoder-mlp", ("layers",), "mlp", False, 1)
 FAMILIES: dict[str, Family] = {
     "bert": _ENCODER,
     "roberta": _ENCODER,
@@ -76,7 +77,7 @@ class Block:
     module: torch.nn.Module
     family: Family
     hidden: int
-    checkpoint_prefix: str  # prepended to '<path>.<name>' to get a checkpoint name
+    checkpoint_path: str  # the block's prefix in the checkpoint, e.g. 'bert.encoder.layer.3'
 
     @property
     def device(self) -> torch.device:
@@ -88,7 +89,7 @@ class Block:
 
     def checkpoint_names(self) -> dict[str, str]:
         """Block parameter name → tensor name in the checkpoint."""
-        return {n: f"{self.checkpoint_prefix}{self.path}.{n}" for n in self.parameter_names}
+        return {n: f"{self.checkpoint_path}.{n}" for n in self.parameter_names}
 
     def input_shape(self, anchors: int, tokens: int | None = None) -> tuple[int, ...]:
         if not self.family.has_tokens:
@@ -131,26 +132,34 @@ class BlockModel:
             skeleton = tf.AutoModel.from_config(hf_config)
         self._skeleton = skeleton
         self.hidden = int(hf_config.hidden_size)
-        layers = skeleton.get_submodule(self.family.blocks)
-        self.num_blocks = len(layers)
+        self._layers = next(p for p in self.family.blocks if _has(skeleton, p))
+        self.num_blocks = len(skeleton.get_submodule(self._layers))
         self._names = set(checkpoint_names)
-        self.prefix = self._find_prefix()
+        self.prefix, self._checkpoint_layers = self._find_prefix()
 
-    def _find_prefix(self) -> str:
+    def _find_prefix(self) -> tuple[str, str]:
+        """(prefix, block-list path) of the checkpoint's names: any of the family's paths, under
+        any prefix (``bert.``, ``model.``...)."""
         first = self.block_path(0)
         probe = next(n for n, _ in self._skeleton.get_submodule(first).named_parameters())
-        want = f"{first}.{probe}"
-        hits = [n[: -len(want)] for n in self._names if n == want or n.endswith("." + want)]
-        if len(hits) != 1:
-            raise IncompatibleError(
-                f"the checkpoint has {'no' if not hits else 'several'} tensor named like "
-                f"{want!r}; it does not match its config's architecture"
-            )
-        return hits[0]
+        for layers in self.family.blocks:
+            want = f"{self._path(layers, 0)}.{probe}"
+            hits = [n[: -len(want)] for n in self._names if n == want or n.endswith("." + want)]
+            if len(hits) > 1:
+                raise IncompatibleError(f"the checkpoint has several tensors named like {want!r}")
+            if hits:
+                return hits[0], layers
+        raise IncompatibleError(
+            f"the checkpoint has no tensor named like {first}.{probe}; it does not match its "
+            "config's architecture"
+        )
+
+    def _path(self, layers: str, index: int) -> str:
+        inner = f".{self.family.inner}" if self.family.inner else ""
+        return f"{layers}.{index}{inner}"
 
     def block_path(self, index: int) -> str:
-        inner = f".{self.family.inner}" if self.family.inner else ""
-        return f"{self.family.blocks}.{index}{inner}"
+        return self._path(self._layers, index)
 
     def block(self, index: int, device: torch.device | str = "cpu") -> Block:
         """Block ``index`` with an empty (uninitialised) module on ``device``, checked against
@@ -159,7 +168,8 @@ class BlockModel:
             raise IncompatibleError(f"block {index} out of range: the model has {self.num_blocks}")
         path = self.block_path(index)
         module = self._skeleton.get_submodule(path).to_empty(device=device).eval()
-        block = Block(index, path, module, self.family, self.hidden, self.prefix)
+        checkpoint_path = self.prefix + self._path(self._checkpoint_layers, index)
+        block = Block(index, path, module, self.family, self.hidden, checkpoint_path)
         missing = [c for c in block.checkpoint_names().values() if c not in self._names]
         if missing:
             raise IncompatibleError(
@@ -193,3 +203,11 @@ class BlockModel:
 def _hf_config(tf: Any, config: Mapping[str, Any]) -> Any:
     fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     return tf.AutoConfig.for_model(str(config["model_type"]), **fields)
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
