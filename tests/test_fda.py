@@ -362,3 +362,12 @@ def test_vit_blocks_run_like_the_model() -> None:
         want = hf.get_submodule(block.path)(x)
         want = want[0] if isinstance(want, tuple) else want
         torch.testing.assert_close(block.forward(block.read(sd), x), want)
+
+
+def test_bad_block_lists_fail_before_any_construction(bert: Family, tmp_path: Path) -> None:
+    models = [bert.base, *bert.fts]
+    typo = run_cli("fda", "construct", *models, "-o", tmp_path / "a", "--blocks", "0,x")
+    assert typo.exit_code == 2 and "comma-separated list of integers" in typo.output
+    far = run_cli("fda", "construct", *models, "-o", tmp_path / "b", "--blocks", "0,7")
+    assert far.exit_code == 1 and "block 7 out of range" in far.output
+    assert not (tmp_path / "b").exists()  # checked before block 0 was built

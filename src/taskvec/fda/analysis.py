@@ -371,7 +371,7 @@ def analyze(
             "token count across folders (an encoder family)"
         )
     fda = FDA(sources.base, {t: sources.experts[t] for t in tasks}, device)
-    picked = list(range(fda.blocks.num_blocks)) if blocks is None else list(blocks)
+    picked = fda.blocks.pick(blocks)
     encoder = load_encoder(sources.base, sources.base).to(fda.device)
     real = {
         t: real_inputs(encoder, sources.ids[t], sources.pad_id, picked, window, seed=settings.seed)

@@ -181,6 +181,15 @@ class BlockModel:
     def indices(self) -> range:
         return range(self.num_blocks)
 
+    def pick(self, blocks: Sequence[int] | None) -> list[int]:
+        """``blocks`` (all when None), checked in full before any work starts."""
+        if blocks is None:
+            return list(self.indices)
+        bad = [b for b in blocks if b not in self.indices]
+        if bad:
+            raise IncompatibleError(f"block {bad[0]} out of range: the model has {self.num_blocks}")
+        return list(dict.fromkeys(blocks))
+
     @property
     def blocks(self) -> list[Block]:
         return [self.block(i) for i in range(self.num_blocks)]

@@ -58,6 +58,21 @@ def open_fda(
     return FDA(base, dict(zip(labels, experts, strict=True)), device)
 
 
+def _block_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(b) for b in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+_blocks = click.option(
+    "--blocks",
+    default=None,
+    callback=_block_list,
+    help="Comma-separated block indices (default: all).",
+)
 _device = click.option(
     "--device", default="cpu", show_default=True, help="Where blocks run (e.g. cuda)."
 )
@@ -116,7 +131,7 @@ def fda() -> None:
     show_default=True,
     help="Anchor snapshots kept for `taskvec fda analyze` (log-spaced steps).",
 )
-@click.option("--blocks", default=None, help="Comma-separated block indices (default: all).")
+@_blocks
 @_device
 @_friendly
 def construct(
@@ -134,7 +149,7 @@ def construct(
     sigma: float,
     seed: int,
     snapshots: int,
-    blocks: str | None,
+    blocks: list[int] | None,
     device: str,
 ) -> None:
     """Build every expert's anchors for every block of BASE (double back-propagation)."""
@@ -151,9 +166,8 @@ def construct(
         snapshots,
     )
     runner = open_fda(base, experts, names, threads, device)
-    picked = [int(b) for b in blocks.split(",")] if blocks else None
     report = runner.construct(
-        out, settings, blocks=picked, progress=not no_progress, echo=click.echo
+        out, settings, blocks=blocks, progress=not no_progress, echo=click.echo
     )
     click.echo(f"anchors in {out} ({sum(report.seconds.values()):.0f} s)")
 
@@ -264,7 +278,7 @@ def adapt(
     show_default=True,
     help="The benchmark whose base, experts and training texts are used.",
 )
-@click.option("--blocks", default=None, help="Comma-separated block indices (default: all).")
+@_blocks
 @_device
 @click.option(
     "--real-examples",
@@ -305,7 +319,7 @@ def adapt(
 def analyze(
     anchor_dirs: tuple[Path, ...],
     benchmark: str,
-    blocks: str | None,
+    blocks: list[int] | None,
     real_examples: int,
     rank: int,
     cone_batches: int,
@@ -322,8 +336,7 @@ def analyze(
     set_threads(threads)
     settings = analysis.AnalysisSettings(rank, cone_batches, seed)
     sources = analysis.benchmark_sources(benchmark, real_examples)
-    picked = [int(b) for b in blocks.split(",")] if blocks else None
     result = analysis.analyze(
-        sources, anchor_dirs, out, settings, blocks=picked, device=device, echo=click.echo
+        sources, anchor_dirs, out, settings, blocks=blocks, device=device, echo=click.echo
     )
     click.echo(f"wrote {', '.join(analysis.FILES)} to {out} ({result['seconds']:.0f} s)")

@@ -129,9 +129,9 @@ class FDA:
         """Build and save the anchors of every (or the listed) block; reuse matching files."""
         settings = settings or AnchorSettings()
         folder = Path(out)
+        indices = self.blocks.pick(blocks)
         folder.mkdir(parents=True, exist_ok=True)
         report = Report()
-        indices = list(range(self.blocks.num_blocks)) if blocks is None else blocks
         experts = [str(self.expert_paths[t]) for t in self.tasks]
         for i in indices:
             block = self.blocks.block(i, self.device)
