@@ -6,9 +6,13 @@
 >>> (base + 0.5 * tau).save("edited")            # doctest: +SKIP
 """
 
-from taskvec.algebra import Model, TaskVector, analogy, apply, load, load_model
-from taskvec.errors import TaskvecError
-from taskvec.merge import MergePlan, merge, plan_merge
+from taskvec.allocator import keep_freed_memory
+
+keep_freed_memory()  # before torch starts any thread (see its docstring)
+
+from taskvec.algebra import Model, TaskVector, analogy, apply, load, load_model  # noqa: E402
+from taskvec.errors import TaskvecError  # noqa: E402
+from taskvec.merge import MergePlan, merge, plan_merge  # noqa: E402
 
 __version__ = "0.1.0"
 

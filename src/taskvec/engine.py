@@ -12,8 +12,6 @@ do not depend on the thread count: each tensor is computed the same way whicheve
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import gc
 import logging
 import math
@@ -21,7 +19,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,6 +27,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from taskvec.allocator import keep_freed_memory
 from taskvec.errors import NumericError
 from taskvec.io.dtypes import dtype_name
 from taskvec.io.writer import CheckpointWriter, PlannedTensor
@@ -44,17 +43,22 @@ R = TypeVar("R")
 CHUNK_ELEMENTS = 1 << 20
 
 
+JobResult = torch.Tensor | Iterator[tuple[int, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Job:
     """One output tensor, or the rows ``[start, stop)`` of one: its name, full shape, output
-    dtype, cost estimates and how to compute it (the closure returns just those rows)."""
+    dtype, cost estimates and how to compute it. The closure returns just those rows, or
+    yields them in pieces as ``(first row relative to the job's rows, rows)``, each written as
+    soon as it is ready."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     read_bytes: int
     work_bytes: int
-    compute: Callable[[], torch.Tensor]
+    compute: Callable[[], JobResult]
     rows: tuple[int, int] | None = None
 
     @property
@@ -137,29 +141,6 @@ def summarize(jobs: Sequence[Job], threads: int) -> PlanSummary:
     )
 
 
-@functools.cache
-def keep_freed_memory() -> None:
-    """Ask glibc to serve large blocks from its heap and keep them when freed.
-
-    By default every allocation above 32 MiB is a fresh ``mmap`` whose pages are faulted in and
-    zeroed on first touch, and returned to the system on free, which costs more than the
-    arithmetic on such tensors. Worker threads get arenas of at most 64 MiB, which send larger
-    blocks to ``mmap`` too, so all threads share the main arena. Jobs allocate blocks of the
-    same few sizes over and over, so reusing them is both faster and bounded by the working
-    set. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, 1)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 28)
-        libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
-    except (OSError, AttributeError):
-        pass
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
 @contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """Temporarily set torch's intra-op thread count (process-wide)."""
@@ -172,9 +153,15 @@ def intra_op_threads(n: int) -> Iterator[None]:
 
 
 def parallel_map(
-    fn: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    threads: int,
+    window: int | None = None,
+    ordered: bool = True,
 ) -> Iterator[R]:
-    """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight.
+    """``map(fn, items)`` on a thread pool with at most ``window`` items in flight; results
+    come in order, or with ``ordered=False`` as they complete (so one long item does not hold
+    the other workers up).
 
     Each worker runs with one intra-op torch thread (so ``threads`` is the number of cores
     used). The first exception raised by ``fn`` propagates and the remaining items are
@@ -188,13 +175,21 @@ def parallel_map(
     window = window or threads + 1
     with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
         pending: deque[Future[R]] = deque()
+
+        def next_result() -> R:
+            if ordered:
+                return pending.popleft().result()
+            done = next(as_completed(pending))
+            pending.remove(done)
+            return done.result()
+
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
                 if len(pending) >= window:
-                    yield pending.popleft().result()
+                    yield next_result()
             while pending:
-                yield pending.popleft().result()
+                yield next_result()
         finally:
             for f in pending:
                 f.cancel()
@@ -221,7 +216,8 @@ def execute(
     progress: bool = True,
     description: str = "writing",
 ) -> RunStats:
-    """Run every job and write its result. Raises on the first failure (the caller aborts)."""
+    """Run every job and write its result, the largest first (so no large job is left to
+    the end while the other workers idle). Raises on the first failure (the caller aborts)."""
     start = time.perf_counter()
     total = sum(j.out_bytes for j in jobs)
     log.info("%s %d jobs (%s) with %d thread(s)", description, len(jobs), _human(total), threads)
@@ -237,20 +233,34 @@ def execute(
 
     def run(job: Job) -> int:
         result = job.compute()
-        if tuple(result.shape) != job.out_shape:
-            raise NumericError(
-                f"tensor {job.name!r}: computed shape {tuple(result.shape)} != planned "
-                f"{job.out_shape}"
-            )
-        result = result.to(job.dtype)
-        check_finite(job.name, result)
-        writer.write(job.name, result, job.rows[0] if job.rows else 0)
+        pieces = [(0, result)] if isinstance(result, torch.Tensor) else result
+        first = job.rows[0] if job.rows else 0
+        rows = job.out_shape[0] if job.out_shape else 1
+        done = 0
+        for start, piece in pieces:
+            whole = tuple(piece.shape) == job.out_shape and start == 0
+            if not whole and not (
+                piece.dim() == len(job.out_shape)
+                and tuple(piece.shape[1:]) == job.out_shape[1:]
+                and 0 <= start <= start + piece.shape[0] <= rows
+            ):
+                raise NumericError(
+                    f"tensor {job.name!r}: computed shape {tuple(piece.shape)} at row {start} "
+                    f"does not fit the planned {job.out_shape}"
+                )
+            piece = piece.to(job.dtype)
+            check_finite(job.name, piece)
+            writer.write(job.name, piece, first + start)
+            done += piece.shape[0] if piece.dim() else 1
+        if done != rows:
+            raise NumericError(f"tensor {job.name!r}: computed {done} of {rows} planned rows")
         return job.out_bytes
 
     collecting = gc.isenabled()
     gc.disable()  # the jobs make no reference cycles; collections would only rescan the plan
     try:
-        for nbytes in parallel_map(run, jobs, threads):
+        by_size = sorted(jobs, key=lambda j: j.work_bytes, reverse=True)
+        for nbytes in parallel_map(run, by_size, threads, ordered=False):
             bar.update(nbytes)
     finally:
         bar.close()

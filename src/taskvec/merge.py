@@ -14,8 +14,8 @@ import filecmp
 import hashlib
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from taskvec import methods
 from taskvec.config import MergeConfig, OutputSlice, Parameters, lookup, parse_config
 from taskvec.engine import (
     Job,
+    JobResult,
     PlanSummary,
     default_threads,
     execute,
@@ -41,7 +42,7 @@ from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, op
 from taskvec.io.dtypes import dtype_name, parse_dtype
 from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
 from taskvec.layout import LayerLayout
-from taskvec.methods.registry import REQUIRED, MergeMethod, WholeModelPass
+from taskvec.methods.registry import REQUIRED, MergeMethod, TensorPass, WholeModelPass
 
 log = logging.getLogger("taskvec")
 
@@ -76,11 +77,10 @@ class _Slice:
 
 @dataclass
 class _Run:
-    """What every job of a plan shares at run time: the first pass's results (for every
-    tensor, or per tensor name) and the device the methods compute on."""
+    """What every job of a plan shares at run time: the whole-model pass's results and the
+    device the methods compute on."""
 
     context: dict[str, Any] = field(default_factory=dict)
-    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -101,58 +101,38 @@ class MergePlan:
 
     @property
     def whole_model_pass(self) -> bool:
-        """Whether the method needs a streamed first pass (over every tensor, or per tensor
-        over the row blocks of the tensors split into several)."""
-        return bool(self._pass_tasks())
+        """Whether the method needs a streamed first pass over every tensor."""
+        return bool(self.tasks) and _first_pass(self.method, self.tasks[0].global_) is not None
 
     @property
     def context(self) -> dict[str, Any]:
         """The extra globals the whole-model pass produced (empty before :meth:`prepare`)."""
         return self.run.context
 
-    def _pass_tasks(self) -> list[_TensorTask]:
-        """The tasks the first pass streams: all of them for a whole-model pass, the row
-        blocks of the tensors split into several for a per-tensor pass."""
-        if not self.tasks or _first_pass(self.method, self.tasks[0].global_) is None:
-            return []
-        if self.method.whole_model is None:  # the method's tensor_pass
-            return [t for t in self.tasks if not t.whole]
-        return self.tasks
-
     def prepare(self, threads: int, progress: bool = True) -> None:
-        """Run the first pass, if any, filling the context the tensor jobs receive."""
-        tasks = self._pass_tasks()
-        if not tasks:
+        """Run the whole-model pass, if any, filling the context the tensor jobs receive."""
+        if not self.whole_model_pass:
             return
-        first_pass = _first_pass(self.method, tasks[0].global_)
+        first_pass = _first_pass(self.method, self.tasks[0].global_)
         assert first_pass is not None
-        per_tensor = self.method.whole_model is None
-        totals: dict[str | None, tuple[_TensorTask, torch.Tensor]] = {}  # by tensor, or None
         bar = tqdm(
-            total=len(tasks),
-            desc="per-tensor pass" if per_tensor else "whole-model pass",
+            total=len(self.tasks),
+            desc="whole-model pass",
             disable=not progress,
             leave=False,
-            unit="block" if per_tensor else "tensor",
+            unit="tensor",
         )
         device = self.run.device
-        for task, part in zip(
-            tasks,
-            parallel_map(lambda task: task.collect(first_pass, device), tasks, threads),
-            strict=True,
+        total: torch.Tensor | None = None
+        for part in parallel_map(
+            lambda task: task.collect(first_pass, device), self.tasks, threads
         ):
-            key = task.name if per_tensor else None
-            first, total = totals.get(key, (task, None))
-            totals[key] = (first, part if total is None else total + part)
+            total = part if total is None else total + part
             bar.update()
         bar.close()
-        for key, (first, total) in totals.items():
-            found = first_pass.finalize(total, **first.per_model, **first.global_)
-            if key is None:
-                self.context.update(found)
-            else:
-                self.run.per_tensor[key] = found
-        log.info("first pass of %s done (%d sum(s))", self.method.name, len(totals))
+        first = self.tasks[0]
+        self.context.update(first_pass.finalize(total, **first.per_model, **first.global_))
+        log.info("whole-model pass of %s done", self.method.name)
 
     def summary(self, threads: int) -> PlanSummary:
         return summarize(self.jobs, threads)
@@ -309,7 +289,7 @@ class _TensorTask:
     seed: int | None
     name: str
     rows: tuple[int, int] | None = None
-    whole: bool = True  # the tensor is done in this one task (not split into row blocks)
+    blocks: tuple[tuple[int, int], ...] = ()  # row blocks of a two-phase tensor (TensorPass)
 
     def load(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inputs stacked as ``(N, *shape)`` in the working dtype on ``device``, and the
@@ -322,25 +302,54 @@ class _TensorTask:
         del first
         for i, (ckpt, tname) in enumerate(self.inputs[1:], start=1):
             stacked[i].copy_(ckpt.read(tname, self.rows))
-        base = (
-            self.base[0].read(self.base[1], self.rows).to(work) if self.base is not None else None
-        )
         if device is not None and device.type != "cpu":
             stacked = stacked.to(device)
-            base = base.to(device) if base is not None else None
-        return stacked, base
+        return stacked, self.load_base(work, stacked.device)
 
-    def run(self, run: _Run) -> torch.Tensor:
+    def load_base(self, work: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The base tensor (its rows ``[start, stop)`` for a row block) in ``work`` dtype."""
+        if self.base is None:
+            return None
+        return self.base[0].read(self.base[1], self.rows).to(device=device, dtype=work)
+
+    def run(self, run: _Run) -> torch.Tensor | Iterator[tuple[int, torch.Tensor]]:
+        if self.blocks:
+            assert self.method.tensor_pass is not None
+            return self._run_in_two_phases(self.method.tensor_pass, run.device)
         stacked, base = self.load(run.device)
         return _call(
             self.method,
             stacked,
             base,
             _on(self.per_model, stacked.device),
-            {**self.global_, **run.context, **run.per_tensor.get(self.name, {})},
+            {**self.global_, **run.context},
             self.seed,
             self.name,
         )
+
+    def _run_in_two_phases(
+        self, tensor_pass: TensorPass, device: torch.device
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The tensor's merged row blocks, ``(first row, rows)``, reading each input once:
+        every block's partial result and share of the statistic, then every block's rows."""
+        per_model = _on(self.per_model, device)
+        partials: torch.Tensor | None = None
+        total: torch.Tensor | None = None
+        for start, stop in self.blocks:
+            stacked, base = replace(self, rows=(start, stop), blocks=()).load(device)
+            if partials is None:
+                shape = (self.blocks[-1][1], *stacked.shape[2:])
+                partials = torch.empty(shape, dtype=stacked.dtype, device=device)
+            share = tensor_pass.collect(
+                stacked, base, partials[start:stop], **per_model, **self.global_
+            )
+            total = share if total is None else total + share
+            del stacked, base
+        assert partials is not None and total is not None
+        for start, stop in self.blocks:
+            base = replace(self, rows=(start, stop), blocks=()).load_base(partials.dtype, device)
+            part = partials[start:stop]
+            yield start, tensor_pass.finish(part, base, total, **per_model, **self.global_)
 
     def collect(
         self, first_pass: WholeModelPass, device: torch.device | None = None
@@ -375,9 +384,14 @@ def _call(
 
 
 def _first_pass(method: MergeMethod, global_: dict[str, Any]) -> WholeModelPass | None:
-    """The method's first pass (whole-model or per-tensor) if these globals want it."""
-    first_pass = method.whole_model or method.tensor_pass
+    """The method's whole-model pass if these globals want it."""
+    first_pass = method.whole_model
     return first_pass if first_pass is not None and first_pass.wanted(**global_) else None
+
+
+def _two_phases(method: MergeMethod, global_: dict[str, Any]) -> bool:
+    """Whether the method merges a tensor split into row blocks in two phases."""
+    return method.tensor_pass is not None and method.tensor_pass.wanted(**global_)
 
 
 def _probe(
@@ -518,6 +532,13 @@ def plan_merge(
         dtype = out_dtype or ref_info.dtype
         n_in = len(names)
         parts = job_parts(ref_info.shape, by_rows=method.elementwise)
+        blocks: tuple[tuple[int, int], ...] = ()
+        if len(parts) > 1 and _two_phases(method, global_):  # one job over all the blocks
+            blocks = tuple(rows for rows, _ in parts if rows is not None)
+            parts = [(None, 1.0)]
+        block_elements = (
+            ref_info.numel * (blocks[0][1] - blocks[0][0]) // max(blocks[-1][1], 1) if blocks else 0
+        )
         for rows, part in parts:
             task = _TensorTask(
                 method,
@@ -528,15 +549,17 @@ def plan_merge(
                 random_seed,
                 out_name,
                 rows,
-                whole=len(parts) == 1,
+                blocks,
             )
+            work_elements = block_elements or int(ref_info.numel * part)
             jobs.append(
                 Job(
                     name=out_name,
                     shape=ref_info.shape,
                     dtype=dtype,
                     read_bytes=int(sum(i.nbytes for i in infos) * part),
-                    work_bytes=int(4 * ref_info.numel * part) * (2 * n_in + 2),
+                    work_bytes=4 * work_elements * (2 * n_in + 2)
+                    + (4 * ref_info.numel if blocks else 0),
                     compute=_bind(task, run),
                     rows=rows,
                 )
@@ -620,7 +643,7 @@ def _donor(names: list[tuple[Checkpoint, str]], has_base: bool) -> int | None:
     return None if ckpt.tensors[tname].is_float else first
 
 
-def _bind(task: _TensorTask, run: _Run) -> Callable[[], torch.Tensor]:
+def _bind(task: _TensorTask, run: _Run) -> Callable[[], JobResult]:
     return lambda: task.run(run)
 
 

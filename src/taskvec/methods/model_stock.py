@@ -6,12 +6,25 @@ from typing import Any
 
 import torch
 
-from taskvec.methods.registry import WholeModelPass, merge_method
+from taskvec.methods.registry import TensorPass, merge_method
 
 
 def _gram(deltas: torch.Tensor) -> torch.Tensor:
     """(rows, N, N) inner products of the task vectors ``deltas`` (N, rows, d), row by row."""
     return torch.einsum("ird,jrd->rij", deltas, deltas)
+
+
+def _tensor_gram(deltas: torch.Tensor) -> torch.Tensor:
+    """(1, N, N) inner products of the whole task vectors ``deltas`` (N, ...): N(N+1)/2 BLAS
+    dot products, faster than a matrix product this thin."""
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    dots = torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs])
+    gram = torch.empty((1, n, n), dtype=dots.dtype, device=dots.device)
+    for k, (i, j) in enumerate(pairs):
+        gram[0, i, j] = gram[0, j, i] = dots[k]
+    return gram
 
 
 def _ratio(gram: torch.Tensor) -> torch.Tensor:
@@ -28,15 +41,36 @@ def _ratio(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
 
 
-def _block_gram(tensors: torch.Tensor, base: torch.Tensor, **_: Any) -> torch.Tensor:
-    """The whole-tensor Gram matrix's share from one row block, (1, N, N) in float64 (the
-    blocks' shares are summed)."""
-    deltas = tensors.reshape(tensors.shape[0], 1, -1).sub_(base.reshape(1, 1, -1))  # own buffer
-    return _gram(deltas).double()
+def _deltas(tensors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """τᵢ = θᵢ − θ₀ in the buffer of ``tensors`` (N, *rows.shape)."""
+    return tensors.reshape(tensors.shape[0], *rows.shape).sub_(rows)
 
 
-def _whole_ratio(total: torch.Tensor, **_: Any) -> dict[str, Any]:
-    return {"stock_ratio": _ratio(total).float()}
+def _sum(deltas: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σ τᵢ (N ≥ 2) into ``out``, which may be ``deltas[0]`` (contiguous adds beat a strided
+    sum)."""
+    torch.add(deltas[0], deltas[1], out=out)
+    for delta in deltas[2:]:
+        out.add_(delta)
+    return out
+
+
+def _collect(
+    tensors: torch.Tensor, base: torch.Tensor, partial: torch.Tensor, **_: Any
+) -> torch.Tensor:
+    """A row block's Σ τᵢ into ``partial`` and its share of the tensor's Gram matrix, (1, N, N)
+    in float64 (the blocks' shares are summed)."""
+    deltas = _deltas(tensors, base.reshape(1, -1))
+    _sum(deltas, partial.view(1, -1))
+    return _tensor_gram(deltas).double()
+
+
+def _finish(
+    partial: torch.Tensor, base: torch.Tensor, total: torch.Tensor, **_: Any
+) -> torch.Tensor:
+    """θ₀ + (t / N) · Σ τᵢ for a row block, t from the whole tensor's Gram matrix."""
+    t = _ratio(total).float().to(partial.device)
+    return partial.mul_(t / total.shape[-1]).add_(base)
 
 
 @merge_method(
@@ -46,32 +80,23 @@ def _whole_ratio(total: torch.Tensor, **_: Any) -> dict[str, Any]:
     reference="Jang et al., Model Stock, ECCV 2024 (arXiv 2403.19522)",
     min_models=2,
     elementwise=True,
-    tensor_pass=WholeModelPass(
-        collect=_block_gram,
-        finalize=_whole_ratio,
+    tensor_pass=TensorPass(
+        collect=_collect,
+        finish=_finish,
         wanted=lambda filter_wise=False, **_: not filter_wise,
     ),
 )
-def model_stock(
-    tensors: torch.Tensor,
-    base: torch.Tensor,
-    *,
-    filter_wise: bool,
-    stock_ratio: torch.Tensor | None = None,
-) -> torch.Tensor:
+def model_stock(tensors: torch.Tensor, base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
     """cos φ = mean pairwise cosine of τᵢ; t = N cos φ / (1 + (N − 1) cos φ);
     θ = t · mean(θᵢ) + (1 − t) · θ₀ (per row when filter_wise; t = 0 where 1 + (N−1)cos φ ≈ 0).
 
     The cosines come from the Gram matrix of the task vectors (one matrix product per tensor,
-    or per row when filter_wise). A large tensor is merged in row blocks: a first pass sums
-    the blocks' Gram matrices (in float64) and gives each block the tensor's t."""
+    or per row when filter_wise). A large tensor is merged in two phases over row blocks (its
+    Gram matrix summed in float64, then θ₀ + (t / N) Σ τᵢ per block), reading each input once."""
     n = tensors.shape[0]
     shape = base.shape
     per_row = filter_wise and base.dim() >= 2
     rows = base.reshape(shape[0], -1) if per_row else base.reshape(1, -1)
-    deltas = tensors.reshape(n, *rows.shape).sub_(rows)  # the call's own buffer
-    t = _ratio(_gram(deltas)) if stock_ratio is None else stock_ratio.to(deltas.device)
-    total = deltas[0]  # Σ τᵢ accumulated in place (a contiguous add beats a strided mean)
-    for delta in deltas[1:]:
-        total.add_(delta)
-    return total.mul_(t / n).add_(rows).reshape(shape)
+    deltas = _deltas(tensors, rows)
+    t = _ratio(_gram(deltas) if per_row else _tensor_gram(deltas))
+    return _sum(deltas, deltas[0]).mul_(t / n).add_(rows).reshape(shape)

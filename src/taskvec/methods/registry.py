@@ -25,12 +25,15 @@ through ``collect`` and sums the results, then ``finalize`` turns the sum into e
 parameters that every call of the method receives. The method stays per-tensor and pure.
 
 A method that is elementwise once it knows a statistic of the whole tensor (Model Stock's
-cosines between the task vectors) declares ``elementwise=True`` and a ``tensor_pass``, a
-:class:`WholeModelPass` summed per tensor instead: when the engine splits a tensor into row
-blocks, it first streams the blocks through ``collect``, sums them, and every block's call
-receives that tensor's ``finalize`` globals. A tensor done in one piece skips the pass (its
-call gets no such globals and computes the statistic itself). So no large tensor is held whole
-in memory, and both cores share the work on it.
+cosines between the task vectors) declares ``elementwise=True`` and a :class:`TensorPass`.
+A tensor too large for one block of elementwise work is then merged by one job in two phases
+over its row blocks, reading every input once: ``collect`` writes each block's partial result
+into ``partial`` (the block's rows of a buffer the size of the tensor, in the working dtype)
+and returns the block's share of the statistic (summed over the blocks); ``finish`` turns each
+partial result, the block's base rows and the summed statistic into the merged rows, which
+the engine writes block by block. A tensor done in one piece is a plain call of the method,
+which computes the statistic itself. The working set is the tensor in float32 plus one
+block's inputs.
 
 The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
 devices, or knows about other tensors: the engine streams, schedules and writes.
@@ -68,6 +71,22 @@ class WholeModelPass:
 
 
 @dataclass(frozen=True)
+class TensorPass:
+    """Two phases over the row blocks of one large tensor (see the module docstring).
+
+    ``collect(tensors, base, partial, **params) -> share`` for one row block fills ``partial``
+    (it gets its own buffers and may overwrite them); ``finish(partial, base, total, **params)
+    -> rows``, where ``total`` is the sum of the blocks' shares (``finish`` may overwrite
+    ``partial``);
+    ``wanted(**globals) -> bool`` says whether this configuration needs the two phases at all.
+    """
+
+    collect: Callable[..., torch.Tensor]
+    finish: Callable[..., torch.Tensor]
+    wanted: Callable[..., bool] = lambda **_: True
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A registered method: its function, what it needs and its documented parameters."""
 
@@ -82,7 +101,7 @@ class MergeMethod:
     whole_model: WholeModelPass | None = None
     elementwise: bool = False
     wants_name: bool = False
-    tensor_pass: WholeModelPass | None = None
+    tensor_pass: TensorPass | None = None
 
     @property
     def formula(self) -> str:
@@ -117,7 +136,7 @@ def merge_method(
     whole_model: WholeModelPass | None = None,
     elementwise: bool = False,
     wants_name: bool = False,
-    tensor_pass: WholeModelPass | None = None,
+    tensor_pass: TensorPass | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
 
