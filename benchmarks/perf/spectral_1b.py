@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from taskvec.engine import intra_op_threads
 from taskvec.methods.registry import get_method
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +89,11 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="compare with float64 SVDs")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    with intra_op_threads(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     print("| method | tensor | shape | wall s | CPU s | CPU s × count | rel. error vs float64 |")
     print("|---|---|---|---:|---:|---:|---:|")
     totals: dict[str, float] = {}

@@ -5,13 +5,16 @@ tensor called *name*, of this shape and dtype" plus a closure that does it; the 
 schedules jobs on a small thread pool (tensor-level parallelism, one intra-op thread per
 worker so two workers never oversubscribe the cores), checks each result is finite, and hands
 it to a :class:`~taskvec.io.writer.CheckpointWriter` that writes it at its planned offset.
-At most ``threads`` jobs are in memory at any time, so peak memory is about
-``threads × max(job.work_bytes)`` plus buffers, independent of the model's size. Output bytes
-do not depend on the thread count: each tensor is computed the same way whichever worker runs it.
+At most ``threads`` jobs are in memory at any time, the largest first, and together they stay
+within 1.5 × the largest job's ``work_bytes`` (one job may exceed it alone), so peak memory is
+bounded by the largest tensor's working set plus buffers, independent of the model's size.
+Output bytes do not depend on the thread count or the order: each tensor is computed the same
+way whichever worker runs it.
 """
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import math
@@ -19,7 +22,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from taskvec.allocator import keep_freed_memory
+from taskvec.blas import blas_threads
 from taskvec.errors import NumericError
 from taskvec.io.dtypes import dtype_name
 from taskvec.io.writer import CheckpointWriter, PlannedTensor
@@ -132,36 +136,32 @@ def default_threads() -> int:
 
 def summarize(jobs: Sequence[Job], threads: int) -> PlanSummary:
     works = sorted((j.work_bytes for j in jobs), reverse=True)[: max(threads, 1)]
+    cap = works[0] * 3 // 2 if len(works) > 1 else sum(works)  # largest_first's default budget
     return PlanSummary(
         tensors=len({j.name for j in jobs}),
         bytes_in=sum(j.read_bytes for j in jobs),
         bytes_out=sum(j.out_bytes for j in jobs),
-        peak_bytes=sum(works),
+        peak_bytes=min(sum(works), cap),
         threads=threads,
     )
 
 
 @contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (process-wide)."""
+    """Temporarily set torch's intra-op thread count and numpy's BLAS threads (process-wide)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        with blas_threads(n):
+            yield
     finally:
         torch.set_num_threads(before)
 
 
 def parallel_map(
-    fn: Callable[[T], R],
-    items: Iterable[T],
-    threads: int,
-    window: int | None = None,
-    ordered: bool = True,
+    fn: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None
 ) -> Iterator[R]:
-    """``map(fn, items)`` on a thread pool with at most ``window`` items in flight; results
-    come in order, or with ``ordered=False`` as they complete (so one long item does not hold
-    the other workers up).
+    """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight.
 
     Each worker runs with one intra-op torch thread (so ``threads`` is the number of cores
     used). The first exception raised by ``fn`` propagates and the remaining items are
@@ -175,24 +175,59 @@ def parallel_map(
     window = window or threads + 1
     with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
         pending: deque[Future[R]] = deque()
-
-        def next_result() -> R:
-            if ordered:
-                return pending.popleft().result()
-            done = next(as_completed(pending))
-            pending.remove(done)
-            return done.result()
-
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
                 if len(pending) >= window:
-                    yield next_result()
+                    yield pending.popleft().result()
             while pending:
-                yield next_result()
+                yield pending.popleft().result()
         finally:
             for f in pending:
                 f.cancel()
+
+
+def largest_first(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    size: Callable[[T], int],
+    threads: int,
+    budget: int | None = None,
+) -> Iterator[R]:
+    """``fn`` over ``items`` on a thread pool, largest ``size`` first, results as they complete.
+
+    Longest-job-first scheduling under a memory cap: a job starts while the sizes in flight
+    stay within ``budget`` (default 1.5 × the largest size), or when nothing else runs, and
+    the largest waiting job that fits goes next. So no large job is left to the end while
+    the other workers idle, and two of the largest jobs (a model's embedding and output
+    matrices) never run at once: smaller ones fill the other workers meanwhile. One intra-op
+    thread per worker; the first exception propagates and the waiting items are dropped.
+    """
+    keep_freed_memory()
+    waiting = sorted(items, key=size, reverse=True)
+    if threads <= 1 or len(waiting) <= 1:
+        with intra_op_threads(1):
+            yield from map(fn, waiting)
+        return
+    sizes = [-size(item) for item in waiting]  # ascending, for bisect
+    cap = budget if budget is not None else -sizes[0] * 3 // 2
+    with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
+        running: dict[Future[R], int] = {}
+        while waiting or running:
+            free = cap - sum(running.values())
+            while waiting and len(running) < threads:
+                pick = bisect.bisect_left(sizes, -free) if running else 0
+                if pick == len(waiting):
+                    break
+                item, need = waiting.pop(pick), -sizes.pop(pick)
+                running[pool.submit(fn, item)] = need
+                free -= need
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                if future.exception() is not None:
+                    waiting.clear()
+                yield future.result()
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -216,8 +251,8 @@ def execute(
     progress: bool = True,
     description: str = "writing",
 ) -> RunStats:
-    """Run every job and write its result, the largest first (so no large job is left to
-    the end while the other workers idle). Raises on the first failure (the caller aborts)."""
+    """Run every job and write its result, largest first under a memory cap (see
+    :func:`largest_first`). Raises on the first failure (the caller aborts)."""
     start = time.perf_counter()
     total = sum(j.out_bytes for j in jobs)
     log.info("%s %d jobs (%s) with %d thread(s)", description, len(jobs), _human(total), threads)
@@ -259,8 +294,7 @@ def execute(
     collecting = gc.isenabled()
     gc.disable()  # the jobs make no reference cycles; collections would only rescan the plan
     try:
-        by_size = sorted(jobs, key=lambda j: j.work_bytes, reverse=True)
-        for nbytes in parallel_map(run, by_size, threads, ordered=False):
+        for nbytes in largest_first(run, jobs, lambda j: j.work_bytes, threads):
             bar.update(nbytes)
     finally:
         bar.close()

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from taskvec import blas
 from taskvec.errors import ConfigError
 from taskvec.methods.registry import merge_method
 
@@ -122,17 +123,17 @@ def _row_blocks(*mats: torch.Tensor) -> Iterator[tuple[slice, list[torch.Tensor]
 
 def cross64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """aᵀ b in float64, accumulated over row blocks (bounded extra memory)."""
-    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
     for _, blocks in _row_blocks(a) if b is a else _row_blocks(a, b):
-        out.addmm_(blocks[0].mT, blocks[-1])
+        blas.addmm_(out, blocks[0].mT, blocks[-1])
     return out
 
 
 def matmul64(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b computed in float64 (``b`` float64) by row blocks of ``a``, returned in ``dtype``."""
-    out = torch.empty(a.shape[0], b.shape[1], dtype=dtype)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
     for rows, (blk,) in _row_blocks(a):
-        out[rows] = blk @ b
+        out[rows] = blas.mm(blk, b)
     return out
 
 
@@ -148,7 +149,7 @@ def left_spectrum(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     exact SVD (V included) for float64 ``a``."""
     if a.dtype == torch.float64:
         return exact_svd(a)
-    lam, w = torch.linalg.eigh(cross64(a.mT, a.mT))
+    lam, w = blas.eigh(cross64(a.mT, a.mT))
     return w.flip(1), lam.flip(0).clamp_min_(0).sqrt_(), None
 
 
@@ -182,15 +183,15 @@ def _polar(
         u, s, v = exact_svd(x)
         kept = int((s > tol * float(s[0])).sum()) if float(s[0]) > 0 else 0
         return u[:, :kept] @ v[:, :kept].mT, s
-    lam, w = torch.linalg.eigh(cross64(x, x) if gram is None else gram)
+    lam, w = blas.eigh(cross64(x, x) if gram is None else gram)
     s = lam.flip(0).clamp_min(0).sqrt()
     keep = lam > tol**2 * float(lam[-1])
     if not bool(keep.any()):
         return torch.zeros_like(x), s
     w, lam = w[:, keep], lam[keep]
-    core = (w * lam.rsqrt()) @ w.mT
+    core = blas.mm(w * lam.rsqrt(), w.mT)
     if float(lam[0]) >= POLAR_F32_APPLY * float(lam[-1]):
-        return x @ core.to(x.dtype), s
+        return blas.mm(x, core.to(x.dtype)), s
     return matmul64(x, core, x.dtype), s
 
 
@@ -236,17 +237,17 @@ def polar_extend(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     small[:nq, nq:] = r
     small[nq:, :nq] = r.mT
     small[nq:, nq:] = d
-    mu, y = torch.linalg.eigh(small)
+    mu, y = blas.eigh(small)
     lam = mu + 1.0
     top = max(1.0, float(lam[-1]))
     cut = _polar_tol((a.shape[0], na + nb), b.dtype) ** 2 * top
     cut += 0.0 if a.dtype == torch.float64 else 4 * math.sqrt(na) * torch.finfo(a.dtype).eps * top
     scale = torch.where(lam > cut, lam.clamp_min(cut).rsqrt(), torch.zeros_like(lam)) - 1.0
-    k = (y * scale) @ y.mT
-    out = torch.empty(a.shape[0], na + nb, dtype=b.dtype)
+    k = blas.mm(y * scale, y.mT)
+    out = torch.empty(a.shape[0], na + nb, dtype=b.dtype, device=b.device)
     for rows, (ab, bb) in _row_blocks(a, b):
-        corr = torch.cat([ab @ q, bb], 1) @ k
-        out[rows, :na] = ab.addmm_(corr[:, :nq], q.mT)
+        corr = blas.mm(torch.cat([blas.mm(ab, q), bb], 1), k)
+        out[rows, :na] = blas.addmm_(ab, corr[:, :nq], q.mT)
         out[rows, na:] = bb.add_(corr[:, nq:])
     return out
 
@@ -284,7 +285,7 @@ def tsv_delta(tasks: Tasks) -> torch.Tensor:
     if s.numel() == 0:
         return tasks.base.new_zeros(m, n)
     u = polar(u).mul_(s)
-    return u @ polar(v).mT
+    return blas.mm(u, polar(v).mT)
 
 
 @merge_method(
@@ -366,18 +367,21 @@ def iso_cts_delta(tasks: Tasks, fraction: float) -> torch.Tensor:
     if m <= n:
         uc, vc, rest = xc.clone(), yc, x[:, kept:].to(dtype)
         del total, short, x, y
-        ut, st, vt = _top_each(lambda i: rest.mT @ tasks(i), t, per_task, refs)
-        ut = rest @ ut
+        ut, st, vt = _top_each(lambda i: blas.mm(rest.mT, tasks(i)), t, per_task, refs)
+        ut = blas.mm(rest, ut)
     else:
         uc, vc = yc, xc.clone()
         del total, short, x, y
         ut, st, vt = _top_each(
-            lambda i: (tau := tasks(i)).addmm_(uc, uc.mT @ tau, alpha=-1), t, per_task, refs
+            lambda i: blas.addmm_(tau := tasks(i), uc, blas.mm(uc.mT, tau), alpha=-1),
+            t,
+            per_task,
+            refs,
         )
     sigma = float(sc.sum() + st.sum()) / r  # the mean over the r slots (dropped ones count 0)
     if sigma == 0.0:
         return tasks.base.new_zeros(m, n)
-    return (polar_extend(uc, ut) @ polar_extend(vc, vt).mT).mul_(sigma)
+    return blas.mm(polar_extend(uc, ut), polar_extend(vc, vt).mT).mul_(sigma)
 
 
 _ISO_REFERENCE = (

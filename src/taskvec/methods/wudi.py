@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from taskvec import blas
 from taskvec.errors import ConfigError
 from taskvec.methods.registry import merge_method
 from taskvec.methods.spectral import Tasks, is_matrix, mean_rule
@@ -48,12 +49,12 @@ def wudi_delta(tasks: Tasks, steps: int, lr: float) -> torch.Tensor:
     for i in live:
         tau = tasks(i)
         if dense:
-            gram = tau.mT @ tau
+            gram = blas.mm(tau.mT, tau)
             a.add_(gram, alpha=weights[i])
-            c0.add_((start - tau) @ gram, alpha=weights[i])
+            blas.addmm_(c0, start - tau, gram, alpha=weights[i])
         else:
             rows.append(tau * math.sqrt(weights[i]))
-            c0.add_(((start - tau) @ tau.mT) @ tau, alpha=weights[i])
+            blas.addmm_(c0, blas.mm(start - tau, tau.mT), tau, alpha=weights[i])
         del tau
     r = None if dense else torch.cat(rows)  # (T·out, in): A = rᵀ r
     del rows
@@ -61,9 +62,9 @@ def wudi_delta(tasks: Tasks, steps: int, lr: float) -> torch.Tensor:
     g = torch.empty_like(start)  # the gradient, then (once m and v have it) Adam's denominator
     for step in range(1, steps + 1):
         if a is not None:
-            torch.matmul(d, a, out=g)
+            blas.mm(d, a, out=g)
         else:
-            torch.matmul(d @ r.mT, r, out=g)
+            blas.mm(blas.mm(d, r.mT), r, out=g)
         g.add_(c0).mul_(2.0)
         m.mul_(BETA1).add_(g, alpha=1 - BETA1)
         v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)

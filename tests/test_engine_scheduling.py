@@ -1,0 +1,111 @@
+"""The engine's scheduler (largest job first under a memory cap) and its BLAS thread limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+
+from taskvec import blas
+from taskvec.engine import intra_op_threads, largest_first
+
+
+class _Tracker:
+    """Records, for each job, what else was running when it started."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[int] = set()
+        self.started: list[tuple[int, frozenset[int]]] = []
+
+    def __call__(self, size: int) -> int:
+        with self.lock:
+            self.started.append((size, frozenset(self.running)))
+            self.running.add(size)
+        time.sleep(0.002 * size)
+        with self.lock:
+            self.running.discard(size)
+        return size
+
+
+def test_every_item_once_largest_first_and_within_the_cap() -> None:
+    sizes = [3, 100, 7, 90, 5, 1, 60, 8, 2, 4]
+    track = _Tracker()
+    done = list(largest_first(track, sizes, lambda s: s, threads=2))
+    assert sorted(done) == sorted(sizes)
+    assert track.started[0] == (100, frozenset())  # the largest starts first, alone
+    for size, others in track.started:
+        # within 1.5 × 100, unless it started alone
+        assert not others or size + sum(others) <= 150, (size, others)
+    together = {frozenset({size, *others}) for size, others in track.started}
+    assert not any({100, 90} <= pair for pair in together)  # the two largest never together
+
+
+def test_one_thread_runs_largest_first_in_the_caller() -> None:
+    seen: list[tuple[int, str]] = []
+    out = list(
+        largest_first(
+            lambda s: seen.append((s, threading.current_thread().name)) or s,
+            [1, 3, 2],
+            lambda s: s,
+            threads=1,
+        )
+    )
+    assert out == [3, 2, 1]
+    assert {name for _, name in seen} == {threading.current_thread().name}
+
+
+def test_the_first_failure_propagates_and_stops_the_rest() -> None:
+    ran: list[int] = []
+
+    def job(size: int) -> int:
+        ran.append(size)
+        if size == 50:
+            raise ValueError("boom")
+        return size
+
+    with pytest.raises(ValueError, match="boom"):
+        list(largest_first(job, [50, *range(1, 40)], lambda s: s, threads=2, budget=60))
+    assert len(ran) < 40  # the waiting jobs were dropped
+
+
+def test_an_explicit_budget_serialises_jobs_that_do_not_fit() -> None:
+    track = _Tracker()
+    list(largest_first(track, [10, 10, 10], lambda s: s, threads=2, budget=10))
+    assert all(not others for _, others in track.started)
+
+
+def _blas_threads() -> set[int]:
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_workers_limit_numpy_blas_to_one_thread() -> None:
+    with intra_op_threads(1):
+        assert _blas_threads() == {1}
+        assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blas_matches_torch(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 23, generator=g, dtype=dtype)
+    b = torch.randn(23, 11, generator=g, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(blas.mm(a, b), a @ b, **tol)
+    torch.testing.assert_close(blas.mm(a.mT.contiguous().mT, b), a @ b, **tol)  # strided
+    out = torch.empty(37, 11, dtype=dtype)
+    assert blas.mm(a, b, out=out) is out
+    torch.testing.assert_close(out, a @ b, **tol)
+    acc = torch.randn(37, 11, generator=g, dtype=dtype)
+    want = acc + 0.5 * (a @ b)
+    torch.testing.assert_close(blas.addmm_(acc, a, b, alpha=0.5), want, **tol)
+    sym = a.mT @ a
+    w, v = blas.eigh(sym)
+    assert w.dtype == dtype and bool((w[1:] >= w[:-1]).all())
+    torch.testing.assert_close(v @ torch.diag(w) @ v.mT, sym, rtol=1e-4, atol=1e-4)
+    assert isinstance(blas.mm(a, b), torch.Tensor)
+    assert np.shares_memory(blas.mm(a, b, out=out).numpy(), out.numpy())
