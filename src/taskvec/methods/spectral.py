@@ -233,7 +233,7 @@ def polar_extend(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = cross64(b, b)
     d.diagonal().sub_(1.0)
     nq = q.shape[1]
-    small = torch.zeros(nq + nb, nq + nb, dtype=torch.float64)
+    small = torch.zeros(nq + nb, nq + nb, dtype=torch.float64, device=r.device)
     small[:nq, nq:] = r
     small[nq:, :nq] = r.mT
     small[nq:, nq:] = d
