@@ -103,6 +103,7 @@ def test_blas_matches_torch(dtype: torch.dtype) -> None:
     acc = torch.randn(37, 11, generator=g, dtype=dtype)
     want = acc + 0.5 * (a @ b)
     torch.testing.assert_close(blas.addmm_(acc, a, b, alpha=0.5), want, **tol)
+    torch.testing.assert_close(blas.gram(b.mT), b.mT @ b, **tol)
     sym = a.mT @ a
     w, v = blas.eigh(sym)
     assert w.dtype == dtype and bool((w[1:] >= w[:-1]).all())

@@ -46,6 +46,21 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1
     return out
 
 
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rowsᵀ`` for a few long rows (N × d, N small): on the CPU N(N+1)/2 dot
+    products, which beat a matrix product this thin (a 3 × 2²⁰ block: 0.36 ms vs 0.74 ms for
+    torch's product)."""
+    if not _on_cpu(rows):
+        return rows @ rows.mT
+    x = rows.numpy()
+    n = x.shape[0]
+    out = np.empty((n, n), dtype=x.dtype)
+    for i in range(n):
+        for j in range(i, n):
+            out[i, j] = out[j, i] = np.dot(x[i], x[j])
+    return torch.from_numpy(out)
+
+
 def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of the symmetric matrix ``a``."""
     if not _on_cpu(a):

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from taskvec import blas
 from taskvec.methods.registry import TensorPass, merge_method
 
 
@@ -15,16 +16,8 @@ def _gram(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def _tensor_gram(deltas: torch.Tensor) -> torch.Tensor:
-    """(1, N, N) inner products of the whole task vectors ``deltas`` (N, ...): N(N+1)/2 BLAS
-    dot products, faster than a matrix product this thin."""
-    n = deltas.shape[0]
-    flat = deltas.reshape(n, -1)
-    pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    dots = torch.stack([torch.dot(flat[i], flat[j]) for i, j in pairs])
-    gram = torch.empty((1, n, n), dtype=dots.dtype, device=dots.device)
-    for k, (i, j) in enumerate(pairs):
-        gram[0, i, j] = gram[0, j, i] = dots[k]
-    return gram
+    """(1, N, N) inner products of the whole task vectors ``deltas`` (N, ...)."""
+    return blas.gram(deltas.reshape(deltas.shape[0], -1)).unsqueeze(0)
 
 
 def _ratio(gram: torch.Tensor) -> torch.Tensor:
