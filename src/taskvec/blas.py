@@ -1,11 +1,12 @@
 """Dense matrix products and symmetric eigendecompositions on the faster BLAS at hand.
 
-torch's CPU builds link Intel MKL, which runs its slower generic kernels on AMD processors;
-numpy's bundled OpenBLAS does not. On one core of the project's AMD EPYC a 2048² product took
-0.29 s (torch, float64) vs 0.19 s (numpy), 0.16 s vs 0.08 s in float32, and a float64
-2048² eigendecomposition 1.22 s vs 1.07 s (``benchmarks/results/spectral-1b.md``). These
-functions take and return torch tensors and hand CPU ones to numpy without copying; tensors
-on other devices (CUDA) stay with torch. Results are the same products up to rounding.
+On the CPU these go to numpy's bundled OpenBLAS rather than torch's MKL. On one core of the
+project's AMD EPYC (2048² float operands; ``benchmarks/results/spectral-1b.md``) OpenBLAS is
+11–19% faster on general products (float32 127 vs 107 GFLOP/s, float64 60 vs 54), computes a
+Gram product ``x @ x.T`` as a symmetric rank-k update (half the work: 0.09 vs 0.16 s in float32,
+0.17 vs 0.31 s in float64), and its float64 ``eigh`` takes 1.07 s vs 1.22 s. These functions
+take and return torch tensors and hand CPU ones to numpy without copying; tensors on other
+devices (CUDA) stay with torch. Results are the same products up to rounding.
 
 numpy's OpenBLAS has its own thread pool: :func:`blas_threads` limits it together with
 torch's intra-op threads (the engine runs one thread per worker).
