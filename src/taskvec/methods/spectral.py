@@ -189,7 +189,8 @@ def _polar(
     if not bool(keep.any()):
         return torch.zeros_like(x), s
     w, lam = w[:, keep], lam[keep]
-    core = blas.mm(w * lam.rsqrt(), w.mT)
+    half = w * lam.pow(-0.25)  # core = half halfᵀ = W Λ^(-1/2) Wᵀ, a symmetric product
+    core = blas.mm(half, half.mT)
     if float(lam[0]) >= POLAR_F32_APPLY * float(lam[-1]):
         return blas.mm(x, core.to(x.dtype)), s
     return matmul64(x, core, x.dtype), s
