@@ -22,7 +22,8 @@ def _tensor_gram(deltas: torch.Tensor) -> torch.Tensor:
 
 def _ratio(gram: torch.Tensor) -> torch.Tensor:
     """t = N cos φ / (1 + (N − 1) cos φ) per row of ``gram`` (rows, N, N), shaped (rows, 1);
-    cos φ is the mean pairwise cosine, and t = 0 where 1 + (N − 1) cos φ ≈ 0."""
+    cos φ is the mean pairwise cosine (each τᵢ·τⱼ / max(‖τᵢ‖‖τⱼ‖, 1e-6), as in mergekit), and
+    t = 0 where 1 + (N − 1) cos φ ≈ 0."""
     n = gram.shape[-1]
     norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
     pairs = torch.triu_indices(n, n, offset=1, device=gram.device)
@@ -83,9 +84,11 @@ def model_stock(tensors: torch.Tensor, base: torch.Tensor, *, filter_wise: bool)
     """cos φ = mean pairwise cosine of τᵢ; t = N cos φ / (1 + (N − 1) cos φ);
     θ = t · mean(θᵢ) + (1 − t) · θ₀ (per row when filter_wise; t = 0 where 1 + (N−1)cos φ ≈ 0).
 
-    The cosines come from the Gram matrix of the task vectors (one matrix product per tensor,
-    or per row when filter_wise). A large tensor is merged in two phases over row blocks (its
-    Gram matrix summed in float64, then θ₀ + (t / N) Σ τᵢ per block), reading each input once."""
+    The cosines come from the Gram matrix of the task vectors (dot products per tensor, a
+    matrix product per row when filter_wise) and divide by max(‖τᵢ‖‖τⱼ‖, 1e-6), as mergekit
+    does: nearly zero task vectors get a smaller t. A large tensor is merged in two phases over
+    row blocks (its Gram matrix summed in float64, then θ₀ + (t / N) Σ τᵢ per block), reading
+    each input once."""
     n = tensors.shape[0]
     shape = base.shape
     per_row = filter_wise and base.dim() >= 2
