@@ -312,7 +312,7 @@ class _TensorTask:
             return None
         return self.base[0].read(self.base[1], self.rows).to(device=device, dtype=work)
 
-    def run(self, run: _Run) -> torch.Tensor | Iterator[tuple[int, torch.Tensor]]:
+    def run(self, run: _Run) -> JobResult:
         if self.blocks:
             assert self.method.tensor_pass is not None
             return self._run_in_two_phases(self.method.tensor_pass, run.device)
