@@ -11,7 +11,7 @@ import torch
 from threadpoolctl import threadpool_info
 
 from taskvec import blas
-from taskvec.engine import intra_op_threads, largest_first
+from taskvec.engine import intra_op_threads, largest_first, memory_budget
 
 
 class _Tracker:
@@ -19,16 +19,16 @@ class _Tracker:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.running: set[int] = set()
-        self.started: list[tuple[int, frozenset[int]]] = []
+        self.running: list[int] = []
+        self.started: list[tuple[int, tuple[int, ...]]] = []
 
     def __call__(self, size: int) -> int:
         with self.lock:
-            self.started.append((size, frozenset(self.running)))
-            self.running.add(size)
+            self.started.append((size, tuple(self.running)))
+            self.running.append(size)
         time.sleep(0.002 * size)
         with self.lock:
-            self.running.discard(size)
+            self.running.remove(size)
         return size
 
 
@@ -37,12 +37,20 @@ def test_every_item_once_largest_first_and_within_the_cap() -> None:
     track = _Tracker()
     done = list(largest_first(track, sizes, lambda s: s, threads=2))
     assert sorted(done) == sorted(sizes)
-    assert track.started[0] == (100, frozenset())  # the largest starts first, alone
+    assert track.started[0] == (100, ())  # the largest starts first, alone
+    cap = memory_budget(sizes, 2)
+    assert cap == 100 + 2 * 6  # the largest plus two median jobs
     for size, others in track.started:
-        # within 1.5 × 100, unless it started alone
-        assert not others or size + sum(others) <= 150, (size, others)
-    together = {frozenset({size, *others}) for size, others in track.started}
+        assert not others or size + sum(others) <= cap, (size, others)  # unless alone
+    together = [{size, *others} for size, others in track.started]
     assert not any({100, 90} <= pair for pair in together)  # the two largest never together
+
+
+def test_jobs_of_the_usual_size_run_threads_at_a_time() -> None:
+    """Equal jobs (a row-block elementwise merge) must not be serialised by the cap."""
+    track = _Tracker()
+    list(largest_first(track, [10] * 8, lambda s: s, threads=2))
+    assert sum(1 for _, others in track.started if others) >= 3  # pairs: at least every other
 
 
 def test_one_thread_runs_largest_first_in_the_caller() -> None:

@@ -6,7 +6,7 @@ schedules jobs on a small thread pool (tensor-level parallelism, one intra-op th
 worker so two workers never oversubscribe the cores), checks each result is finite, and hands
 it to a :class:`~taskvec.io.writer.CheckpointWriter` that writes it at its planned offset.
 At most ``threads`` jobs are in memory at any time, the largest first, and together they stay
-within 1.5 × the largest job's ``work_bytes`` (one job may exceed it alone), so peak memory is
+within the largest job's ``work_bytes`` plus ``threads`` median ones, so peak memory is
 bounded by the largest tensor's working set plus buffers, independent of the model's size.
 Output bytes do not depend on the thread count or the order: each tensor is computed the same
 way whichever worker runs it.
@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import os
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -135,13 +136,13 @@ def default_threads() -> int:
 
 
 def summarize(jobs: Sequence[Job], threads: int) -> PlanSummary:
-    works = sorted((j.work_bytes for j in jobs), reverse=True)[: max(threads, 1)]
-    cap = works[0] * 3 // 2 if len(works) > 1 else sum(works)  # largest_first's default budget
+    sizes = [j.work_bytes for j in jobs]
+    works = sorted(sizes, reverse=True)[: max(threads, 1)]
     return PlanSummary(
         tensors=len({j.name for j in jobs}),
         bytes_in=sum(j.read_bytes for j in jobs),
         bytes_out=sum(j.out_bytes for j in jobs),
-        peak_bytes=min(sum(works), cap),
+        peak_bytes=min(sum(works), memory_budget(sizes, threads)) if works else 0,
         threads=threads,
     )
 
@@ -187,6 +188,14 @@ def parallel_map(
                 f.cancel()
 
 
+def memory_budget(sizes: Sequence[int], threads: int) -> int:
+    """What :func:`largest_first` lets run or wait in its queue at once by default: the
+    largest job plus ``threads`` jobs of the median size."""
+    if not sizes:
+        return 0
+    return max(sizes) + threads * int(statistics.median(sizes))
+
+
 def largest_first(
     fn: Callable[[T], R],
     items: Sequence[T],
@@ -196,11 +205,14 @@ def largest_first(
 ) -> Iterator[R]:
     """``fn`` over ``items`` on a thread pool, largest ``size`` first, results as they complete.
 
-    Longest-job-first scheduling under a memory cap: a job starts while the sizes in flight
-    stay within ``budget`` (default 1.5 × the largest size), or when nothing else runs, and
-    the largest waiting job that fits goes next. So no large job is left to the end while
-    the other workers idle, and two of the largest jobs (a model's embedding and output
-    matrices) never run at once: smaller ones fill the other workers meanwhile. One intra-op
+    Longest-job-first scheduling under a memory cap: up to ``threads + 1`` jobs are in flight
+    (one queued, so a worker that finishes starts the next at once), a job is submitted while
+    the sizes in flight stay within ``budget`` (default :func:`memory_budget`: the largest
+    plus ``threads`` median ones), or when nothing else is in flight, and the largest waiting
+    job that fits goes next. So no large job is left to the end while the other workers
+    idle, jobs of the usual size run ``threads`` at a time, and two of the largest (a
+    model's embedding and output matrices) never run at once: smaller ones fill the other
+    workers meanwhile. One intra-op
     thread per worker; the first exception propagates and the waiting items are dropped.
     """
     keep_freed_memory()
@@ -210,12 +222,12 @@ def largest_first(
             yield from map(fn, waiting)
         return
     sizes = [-size(item) for item in waiting]  # ascending, for bisect
-    cap = budget if budget is not None else -sizes[0] * 3 // 2
+    cap = budget if budget is not None else memory_budget([-n for n in sizes], threads)
     with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
         running: dict[Future[R], int] = {}
         while waiting or running:
             free = cap - sum(running.values())
-            while waiting and len(running) < threads:
+            while waiting and len(running) <= threads:
                 pick = bisect.bisect_left(sizes, -free) if running else 0
                 if pick == len(waiting):
                     break
