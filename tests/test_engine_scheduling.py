@@ -1,4 +1,5 @@
-"""The engine's scheduler (largest job first under a memory cap) and its BLAS thread limits."""
+"""The engine: its scheduler (largest job first under a memory cap), jobs that yield their rows
+in pieces, and the BLAS thread limits."""
 
 from __future__ import annotations
 
@@ -8,10 +9,20 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import load_folder
 from threadpoolctl import threadpool_info
 
 from taskvec import blas
-from taskvec.engine import intra_op_threads, largest_first, memory_budget
+from taskvec.engine import (
+    Job,
+    execute,
+    intra_op_threads,
+    largest_first,
+    memory_budget,
+    planned_tensors,
+)
+from taskvec.errors import NumericError
+from taskvec.io.writer import CheckpointWriter
 
 
 class _Tracker:
@@ -118,3 +129,38 @@ def test_blas_matches_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(v @ torch.diag(w) @ v.mT, sym, rtol=1e-4, atol=1e-4)
     assert isinstance(blas.mm(a, b), torch.Tensor)
     assert np.shares_memory(blas.mm(a, b, out=out).numpy(), out.numpy())
+
+
+def _job(compute, shape=(6, 2), rows=None) -> Job:
+    return Job("w", shape, torch.float32, 48, 48, compute, rows)
+
+
+def _execute(tmp_path, jobs):
+    out = tmp_path / "out"
+    with CheckpointWriter(out, planned_tensors(jobs)) as writer:
+        execute(jobs, writer, threads=2, progress=False)
+        writer.commit()
+    return load_folder(out)
+
+
+def test_a_job_may_yield_its_rows_in_pieces(tmp_path) -> None:
+    full = torch.arange(12.0).reshape(6, 2)
+    pieces = _job(lambda: iter([(4, full[4:]), (0, full[:4])]))
+    whole = Job("b", (3,), torch.float32, 12, 12, lambda: torch.ones(3))
+    got = _execute(tmp_path, [pieces, whole])
+    assert torch.equal(got["w"], full) and torch.equal(got["b"], torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("compute", "message"),
+    [
+        (lambda: iter([(0, torch.zeros(6, 3))]), "computed shape"),  # wrong width
+        (lambda: iter([(4, torch.zeros(4, 2))]), "outside the planned"),  # past the end
+        (lambda: iter([(0, torch.zeros(4, 2))]), "computed 4 of 6"),  # rows missing
+        (lambda: torch.zeros(5, 2), "computed 5 of 6"),  # one tensor, too short
+    ],
+)
+def test_pieces_that_do_not_fill_the_tensor_are_refused(tmp_path, compute, message) -> None:
+    with pytest.raises(NumericError, match=message):
+        _execute(tmp_path, [_job(compute)])
+    assert not (tmp_path / "out").exists()  # nothing written in place

@@ -212,26 +212,27 @@ def largest_first(
     job that fits goes next. So no large job is left to the end while the other workers
     idle, jobs of the usual size run ``threads`` at a time, and two of the largest (a
     model's embedding and output matrices) never run at once: smaller ones fill the other
-    workers meanwhile. One intra-op
-    thread per worker; the first exception propagates and the waiting items are dropped.
+    workers meanwhile. One intra-op thread per worker; the first exception propagates and
+    the waiting items are dropped.
     """
     keep_freed_memory()
-    waiting = sorted(items, key=size, reverse=True)
+    waiting = sorted(items, key=size)  # ascending: the next job is taken from the end
     if threads <= 1 or len(waiting) <= 1:
         with intra_op_threads(1):
-            yield from map(fn, waiting)
+            yield from map(fn, reversed(waiting))
         return
-    sizes = [-size(item) for item in waiting]  # ascending, for bisect
-    cap = budget if budget is not None else memory_budget([-n for n in sizes], threads)
+    sizes = [size(item) for item in waiting]
+    cap = budget if budget is not None else memory_budget(sizes, threads)
     with intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="taskvec") as pool:
         running: dict[Future[R], int] = {}
         while waiting or running:
             free = cap - sum(running.values())
             while waiting and len(running) <= threads:
-                pick = bisect.bisect_left(sizes, -free) if running else 0
-                if pick == len(waiting):
+                # the largest that fits, or the largest of all when nothing is in flight
+                pick = bisect.bisect_right(sizes, free) - 1 if running else len(sizes) - 1
+                if pick < 0:
                     break
-                item, need = waiting.pop(pick), -sizes.pop(pick)
+                item, need = waiting.pop(pick), sizes.pop(pick)
                 running[pool.submit(fn, item)] = need
                 free -= need
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -282,23 +283,24 @@ def execute(
         result = job.compute()
         pieces = [(0, result)] if isinstance(result, torch.Tensor) else result
         first = job.rows[0] if job.rows else 0
-        rows = job.out_shape[0] if job.out_shape else 1
+        rows = job.out_shape[0] if job.out_shape else 1  # a 0-d tensor counts as one row
         done = 0
         for start, piece in pieces:
-            whole = tuple(piece.shape) == job.out_shape and start == 0
-            if not whole and not (
-                piece.dim() == len(job.out_shape)
-                and tuple(piece.shape[1:]) == job.out_shape[1:]
-                and 0 <= start <= start + piece.shape[0] <= rows
-            ):
+            n = piece.shape[0] if piece.dim() else 1
+            if piece.dim() != len(job.out_shape) or tuple(piece.shape[1:]) != job.out_shape[1:]:
                 raise NumericError(
-                    f"tensor {job.name!r}: computed shape {tuple(piece.shape)} at row {start} "
-                    f"does not fit the planned {job.out_shape}"
+                    f"tensor {job.name!r}: computed shape {tuple(piece.shape)} != planned "
+                    f"{job.out_shape}"
+                )
+            if not 0 <= start <= start + n <= rows:
+                raise NumericError(
+                    f"tensor {job.name!r}: computed rows {start}..{start + n} outside the "
+                    f"planned {rows}"
                 )
             piece = piece.to(job.dtype)
             check_finite(job.name, piece)
             writer.write(job.name, piece, first + start)
-            done += piece.shape[0] if piece.dim() else 1
+            done += n
         if done != rows:
             raise NumericError(f"tensor {job.name!r}: computed {done} of {rows} planned rows")
         return job.out_bytes

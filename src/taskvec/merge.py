@@ -533,12 +533,11 @@ def plan_merge(
         n_in = len(names)
         parts = job_parts(ref_info.shape, by_rows=method.elementwise)
         blocks: tuple[tuple[int, int], ...] = ()
+        block_share = 0.0  # a two-phase job holds one block's inputs at a time
         if len(parts) > 1 and _two_phases(method, global_):  # one job over all the blocks
             blocks = tuple(rows for rows, _ in parts if rows is not None)
+            block_share = parts[0][1]
             parts = [(None, 1.0)]
-        block_elements = (
-            ref_info.numel * (blocks[0][1] - blocks[0][0]) // max(blocks[-1][1], 1) if blocks else 0
-        )
         for rows, part in parts:
             task = _TensorTask(
                 method,
@@ -551,15 +550,14 @@ def plan_merge(
                 rows,
                 blocks,
             )
-            work_elements = block_elements or int(ref_info.numel * part)
+            inputs_bytes = 4 * ref_info.numel * (2 * n_in + 2) * (block_share or part)
             jobs.append(
                 Job(
                     name=out_name,
                     shape=ref_info.shape,
                     dtype=dtype,
                     read_bytes=int(sum(i.nbytes for i in infos) * part),
-                    work_bytes=4 * work_elements * (2 * n_in + 2)
-                    + (4 * ref_info.numel if blocks else 0),
+                    work_bytes=int(inputs_bytes) + (4 * ref_info.numel if blocks else 0),
                     compute=_bind(task, run),
                     rows=rows,
                 )
