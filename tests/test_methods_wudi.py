@@ -9,6 +9,7 @@ Neither shares code with ``taskvec.methods.wudi``, which optimises in Gram space
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskvec.errors import ConfigError
+from taskvec.methods.spectral import Tasks
+from taskvec.methods.wudi import wudi_delta
+
+wudi_module = importlib.import_module("taskvec.methods.wudi")
 
 SETTINGS = settings(
     max_examples=15,
@@ -114,7 +119,7 @@ def test_golden_options() -> None:
 def test_matches_the_reference_loop_in_float32() -> None:
     """A float32 matrix above SMALL_NUMEL, against the reference's autograd + Adam loop."""
     base, xs = problem(3, (300, 240), seed=4, scale=0.01)
-    got = call(xs, base, steps=25)
+    got = call(xs, base, steps=25, step_tol=0.0)
     want = torch_reference(xs, base, steps=25)
     moved = np.abs(want - (base + (xs - base).sum(0))).max()
     assert moved > 1e-4
@@ -139,6 +144,12 @@ def test_bad_options_are_config_errors() -> None:
         call(xs[:, 0], base[0], steps=-1)
     with pytest.raises(ConfigError, match="lr"):
         call(xs, base, lr=float("nan"))
+    with pytest.raises(ConfigError, match="step_tol"):
+        call(xs, base, step_tol=-0.1)
+    with pytest.raises(ConfigError, match="step_tol"):
+        call(xs, base, step_tol=1.0)
+    with pytest.raises(ConfigError, match="gram_rank"):
+        call(xs, base, gram_rank=1.5)
 
 
 def test_models_equal_to_the_base_are_left_out_of_the_loss() -> None:
@@ -146,6 +157,93 @@ def test_models_equal_to_the_base_are_left_out_of_the_loss() -> None:
     with_base = np.concatenate([xs, base[None]])
     close(call(with_base, base), np_wudi(xs, base))
     np.testing.assert_array_equal(call(np.repeat(base[None], 2, 0), base), base)
+
+
+# --------------------------------------------------------------------------------------------
+# windows of modelled gradients (step_tol > 0)
+# --------------------------------------------------------------------------------------------
+
+
+def fine_tune_like(n: int, shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Task vectors as fine-tuning leaves them: a few strong directions, a weak full-rank rest."""
+    rng = np.random.default_rng(seed)
+    base = f32(rng.normal(size=shape) * 0.02)
+    taus = [
+        rng.normal(size=(shape[0], 6)) @ rng.normal(size=(6, shape[1])) * 1e-3
+        + rng.normal(size=shape) * 2e-4
+        for _ in range(n)
+    ]
+    return base, f32(base + np.stack(taus))
+
+
+def solve(xs: np.ndarray, base: np.ndarray, tol: float, rank: int = 16, steps: int = 300):
+    tasks = Tasks(torch.tensor(xs), torch.tensor(base))
+    delta, stats = wudi_delta(tasks, steps, 1e-5, tol, rank)
+    return delta.double().numpy(), stats
+
+
+@pytest.mark.parametrize(
+    "shape",
+    # (24, 256): A held as a factor; (300, 240): float32, window ends multiplied in bfloat16
+    [(96, 160), (160, 96), (24, 256), (300, 240)],
+)
+def test_windows_follow_the_exact_trajectory(shape: tuple[int, int]) -> None:
+    base, xs = fine_tune_like(3, shape, seed=shape[0])
+    taus = xs - base
+    start = taus.sum(0)
+    exact, exact_stats = solve(xs, base, 0.0)
+    assert exact_stats.products == 300 and exact_stats.max_error == 0.0
+    close(exact + base, np_wudi(xs, base), atol=1e-6)
+    got, stats = solve(xs, base, 0.1)
+    assert stats.products < 250  # the point of the windows
+    assert 0 < stats.max_error <= 0.1  # every accepted window within the tolerance
+    moved = np.linalg.norm(exact - start)
+    assert np.linalg.norm(got - exact) < 0.02 * moved
+    assert abs(np_loss(got, taus) - np_loss(exact, taus)) < 0.001 * np_loss(start, taus)
+
+
+def test_a_tight_tolerance_redoes_windows_and_stays_closer() -> None:
+    base, xs = fine_tune_like(3, (96, 160), seed=7)
+    start = (xs - base).sum(0)
+    exact, _ = solve(xs, base, 0.0)
+    loose, loose_stats = solve(xs, base, 0.3)
+    tight, stats = solve(xs, base, 0.03)
+    assert stats.rejected > 0 and stats.max_error <= 0.03
+    assert stats.products > loose_stats.products
+    moved = np.linalg.norm(exact - start)
+    assert np.linalg.norm(tight - exact) < np.linalg.norm(loose - exact) < 0.05 * moved
+
+
+def test_windows_are_reproducible_and_order_free() -> None:
+    base, xs = fine_tune_like(3, (64, 96), seed=3)
+    first, _ = solve(xs, base, 0.1, steps=60)
+    np.testing.assert_array_equal(first, solve(xs, base, 0.1, steps=60)[0])
+    swapped, _ = solve(xs[[2, 0, 1]], base, 0.1, steps=60)
+    close(swapped, first, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96)])  # (160, 96): C₀ built by row chunks
+def test_row_chunks_are_independent(shape: tuple[int, int], monkeypatch) -> None:
+    base, xs = fine_tune_like(3, shape, seed=11)
+    whole, _ = solve(xs, base, 0.0, steps=50)
+    windowed, _ = solve(xs, base, 0.1, steps=50)
+    monkeypatch.setattr(wudi_module, "CHUNK_ELEMENTS", 20 * shape[1])  # 20 rows a chunk
+    chunked, _ = solve(xs, base, 0.0, steps=50)
+    close(chunked, whole, atol=1e-9)
+    chunked_windows, stats = solve(xs, base, 0.1, steps=50)
+    assert stats.max_error <= 0.1
+    start = (xs - base).sum(0)
+    assert np.linalg.norm(chunked_windows - whole) < 0.03 * np.linalg.norm(whole - start)
+    assert np.linalg.norm(windowed - whole) < 0.03 * np.linalg.norm(whole - start)
+
+
+def test_small_matrices_and_rank_zero_are_exact() -> None:
+    base, xs = fine_tune_like(2, (40, 30), seed=5)  # in = 30 ≤ 2 · 16
+    exact, _ = solve(xs, base, 0.0, steps=40)
+    for rank in (16, 0):
+        got, stats = solve(xs, base, 0.1, rank=rank, steps=40)
+        assert stats.products == 40
+        np.testing.assert_array_equal(got, exact)
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,8 +94,19 @@ class Tasks:
         self.t = tensors.shape[0]
         self.shape: tuple[int, int] = (tensors.shape[1], tensors.shape[2])
 
-    def __call__(self, i: int) -> torch.Tensor:
-        return self.tensors[i].to(self.dtype) - self.base
+    def __call__(self, i: int, rows: slice = slice(None)) -> torch.Tensor:
+        return self.tensors[i, rows].to(self.dtype) - self.base[rows]
+
+    def norms(self) -> list[float]:
+        """The Frobenius norms ‖τᵢ‖_F."""
+        return [float(torch.linalg.vector_norm(self(i))) for i in range(self.t)]
+
+    def total(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Σᵢ τᵢ on ``rows``, summed as :meth:`total_and_norms` sums it."""
+        total = self(0, rows)
+        for i in range(1, self.t):
+            total += self(i, rows)
+        return total
 
     def total_and_norms(self) -> tuple[torch.Tensor, list[float]]:
         """Σᵢ τᵢ and the Frobenius norms ‖τᵢ‖_F."""
