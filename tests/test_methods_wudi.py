@@ -202,6 +202,15 @@ def test_windows_follow_the_exact_trajectory(shape: tuple[int, int]) -> None:
     assert abs(np_loss(got, taus) - np_loss(exact, taus)) < 0.001 * np_loss(start, taus)
 
 
+@pytest.mark.parametrize("shape", [(96, 160), (300, 240)])
+def test_windowed_loss_decreases_monotonically(shape: tuple[int, int]) -> None:
+    base, xs = fine_tune_like(3, shape, seed=5)
+    taus = xs - base
+    losses = [np_loss(solve(xs, base, 0.1, steps=s)[0], taus) for s in (0, 5, 20, 80, 300)]
+    for before, after in zip(losses, losses[1:], strict=False):
+        assert after < before
+
+
 def test_a_tight_tolerance_redoes_windows_and_stays_closer() -> None:
     base, xs = fine_tune_like(3, (96, 160), seed=7)
     start = (xs - base).sum(0)
