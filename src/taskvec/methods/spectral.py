@@ -102,22 +102,23 @@ class Tasks:
         return [float(torch.linalg.vector_norm(self(i))) for i in range(self.t)]
 
     def total(self, rows: slice = slice(None)) -> torch.Tensor:
-        """Σᵢ τᵢ on ``rows``, summed as :meth:`total_and_norms` sums it."""
-        total = self(0, rows)
-        for i in range(1, self.t):
-            total += self(i, rows)
-        return total
+        """Σᵢ τᵢ on ``rows``."""
+        return self._sum(rows, None)
 
     def total_and_norms(self) -> tuple[torch.Tensor, list[float]]:
-        """Σᵢ τᵢ and the Frobenius norms ‖τᵢ‖_F."""
-        total = self(0)
-        norms = [float(torch.linalg.matrix_norm(total))]
-        for i in range(1, self.t):
-            tau = self(i)
-            norms.append(float(torch.linalg.matrix_norm(tau)))
-            total += tau
-            del tau
-        return total, norms
+        """Σᵢ τᵢ and the Frobenius norms ‖τᵢ‖_F, in one pass over the tasks."""
+        norms: list[float] = []
+        return self._sum(slice(None), norms), norms
+
+    def _sum(self, rows: slice, norms: list[float] | None) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for i in range(self.t):
+            tau = self(i, rows)
+            if norms is not None:
+                norms.append(float(torch.linalg.vector_norm(tau)))
+            total = tau if total is None else total.add_(tau)
+        assert total is not None
+        return total
 
 
 def _tol(shape: tuple[int, ...], dtype: torch.dtype) -> float:
@@ -337,7 +338,7 @@ def tsv(
 
 def iso_c_delta(tasks: Tasks) -> torch.Tensor:
     """σ̄ · U Vᵀ for the SVD U diag(σ) Vᵀ of Σᵢ τᵢ: σ̄ times its polar factor."""
-    total, _ = tasks.total_and_norms()
+    total = tasks.total()
     x = total if total.shape[0] >= total.shape[1] else total.mT
     factor, s = _polar(x, _tol(tuple(x.shape), x.dtype))
     del total, x

@@ -211,7 +211,6 @@ def wudi_delta(
         return tasks.total(), stats
     weights = [1.0 / norms[i] ** 2 for i in live]
     tall = inp <= out  # C₀ by row chunks from the tasks' Gram matrices (T·in² ≤ T·out·in)
-    dense = inp <= 2 * len(live) * out
     grams: list[torch.Tensor] = []
     factor: list[torch.Tensor] = []
     if tall:
@@ -224,7 +223,7 @@ def wudi_delta(
         a = sum(g * w for g, w in zip(grams, weights, strict=True))
     else:  # C₀ in the cheaper order ((τ₀ − τᵢ) τᵢᵀ) τᵢ, on whole matrices (out < in: small)
         start = tasks.total()
-        a = start.new_zeros(inp, inp) if dense else None
+        a = start.new_zeros(inp, inp) if inp <= 2 * len(live) * out else None
         c0 = result = torch.zeros_like(start)
         for i, w in zip(live, weights, strict=True):
             tau = tasks(i)
