@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -49,6 +50,10 @@ _quiet = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.version_option(package_name="taskvec")
 def main(verbose: int) -> None:
     """Merge and edit fine-tuned models through their task vectors, streamed tensor by tensor."""
+    # The modules imported so far (torch's million objects) live until exit: keep them out of
+    # the cyclic collector, which would rescan them in every full collection and at exit
+    # (0.4 s of a command's wall time on this machine).
+    gc.freeze()
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="taskvec: %(message)s")
 

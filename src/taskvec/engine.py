@@ -56,7 +56,7 @@ class Job:
     """One output tensor, or the rows ``[start, stop)`` of one: its name, full shape, output
     dtype, cost estimates and how to compute it. The closure returns just those rows, or
     yields them in pieces as ``(first row relative to the job's rows, rows)``, each written as
-    soon as it is ready."""
+    soon as it is ready (in the background: a piece must not be modified once yielded)."""
 
     name: str
     shape: tuple[int, ...]

@@ -63,8 +63,8 @@ def _finish(
     partial: torch.Tensor, base: torch.Tensor, total: torch.Tensor, **_: Any
 ) -> torch.Tensor:
     """θ₀ + (t / N) · Σ τᵢ for a row block, t from the whole tensor's Gram matrix."""
-    t = _ratio(total).float().to(partial.device)
-    return partial.mul_(t / total.shape[-1]).add_(base)
+    t = float(_ratio(total))
+    return torch.add(base, partial, alpha=t / total.shape[-1], out=partial)
 
 
 @merge_method(
