@@ -306,11 +306,13 @@ class _TensorTask:
             stacked = stacked.to(device)
         return stacked, self.load_base(work, stacked.device)
 
-    def load_base(self, work: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """The base tensor (its rows ``[start, stop)`` for a row block) in ``work`` dtype."""
+    def load_base(self, work: torch.dtype | None, device: torch.device) -> torch.Tensor | None:
+        """The base tensor (its rows ``[start, stop)`` for a row block) in ``work`` dtype, or
+        as stored when ``work`` is None."""
         if self.base is None:
             return None
-        return self.base[0].read(self.base[1], self.rows).to(device=device, dtype=work)
+        stored = self.base[0].read(self.base[1], self.rows)
+        return stored.to(device=device, dtype=work or stored.dtype)
 
     def run(self, run: _Run) -> JobResult:
         if self.blocks:
@@ -330,8 +332,9 @@ class _TensorTask:
     def _run_in_two_phases(
         self, tensor_pass: TensorPass, device: torch.device
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """The tensor's merged row blocks, ``(first row, rows)``, reading each input once:
-        every block's partial result and share of the statistic, then every block's rows."""
+        """The tensor's merged row blocks, ``(first row, rows)``, reading each model once and
+        the base twice: every block's partial result and share of the statistic, then every
+        block's rows."""
         per_model = _on(self.per_model, device)
         partials: torch.Tensor | None = None
         total: torch.Tensor | None = None
@@ -347,7 +350,7 @@ class _TensorTask:
             del stacked, base
         assert partials is not None and total is not None
         for start, stop in self.blocks:
-            base = replace(self, rows=(start, stop), blocks=()).load_base(partials.dtype, device)
+            base = replace(self, rows=(start, stop), blocks=()).load_base(None, device)
             part = partials[start:stop]
             yield start, tensor_pass.finish(part, base, total, **per_model, **self.global_)
 

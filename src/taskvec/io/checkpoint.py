@@ -70,7 +70,12 @@ class _TensorFile(Protocol):
     def metadata(self) -> dict[str, str]: ...
 
 
-_MAP_AT_LEAST = 1 << 20
+# Reads of at least this many bytes are memory-mapped; smaller ones (the engine's row blocks)
+# are copied out of the page cache into a fresh buffer, which then sits in the CPU caches for
+# the conversion to the working dtype: for 2 MiB blocks of a 1.1B bf16 model, 0.25 s of CPU per
+# model instead of 0.42 s through a map (its page faults and unmapping cost more than the copy).
+# Whole large tensors are mapped, so that no second copy of them is held.
+_MAP_AT_LEAST = 16 << 20
 
 
 def _mapped(fd: int, start: int, length: int) -> torch.Tensor:
