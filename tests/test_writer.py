@@ -15,6 +15,7 @@ import torch
 from conftest import load_folder
 
 from taskvec.errors import OutputError
+from taskvec.io import background_writes
 from taskvec.io import writer as writer_module
 from taskvec.io.writer import CheckpointWriter, planned
 
@@ -128,3 +129,23 @@ def test_import_leaves_the_collector_as_it_found_it(before: str) -> None:
     code = f"import gc; {before} was = gc.isenabled(); import taskvec; print(was == gc.isenabled())"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "True"
+
+
+def test_disk_writes_start_in_the_background_for_every_range_written(tmp_path, monkeypatch) -> None:
+    started: list[tuple[str, int, int]] = []
+
+    def record(fd: int, offset: int, length: int) -> None:
+        started.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+
+    monkeypatch.setattr(background_writes, "_start_writeback", record)
+    tensors = _tensors(4)
+    with CheckpointWriter(tmp_path / "out", _plan(tensors), shard_size=400) as w:
+        for k, v in tensors.items():
+            w.write(k, v[:2].clone())
+            w.write(k, v[2:].clone(), row_start=2)
+        w.commit()
+    # every byte written is handed over, while its file is still open (the path is the
+    # temporary folder's)
+    assert sum(length for _, _, length in started) == sum(v.numel() * 4 for v in tensors.values())
+    assert all(".out.tmp-" in path for path, _, _ in started)
+    assert len({path for path, _, _ in started}) > 1  # several shards

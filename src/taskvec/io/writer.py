@@ -2,11 +2,10 @@
 
 The layout (which tensor goes to which shard, at which offset) is fixed up front from the
 planned names, shapes and dtypes, so every shard's header is written first and tensors can be
-written at their offsets in any order, by any thread, as soon as they are computed. One
-background thread does the writes, so the threads that compute never wait for the file (the
-kernel lets one buffered write into a file at a time; two workers writing the same shard
-spent 11-15 % of a merge's CPU spinning on that lock). At most
-:data:`QUEUED_BYTES` of tensors wait to be written, whatever the shard size.
+written at their offsets in any order, by any thread, as soon as they are computed. The writes
+themselves happen in the background (:mod:`taskvec.io.background_writes`), with at most
+:data:`~taskvec.io.background_writes.QUEUED_BYTES` of tensors waiting, whatever the shard
+size.
 
 Everything is built in a temporary sibling folder and renamed onto the output path only by
 :meth:`CheckpointWriter.commit`; on failure :meth:`CheckpointWriter.abort` removes it.
@@ -21,7 +20,6 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +28,10 @@ from typing import Any
 import torch
 
 from taskvec.errors import ConfigError, OutputError
+from taskvec.io.background_writes import QUEUED_BYTES, Write, WriteQueue
 from taskvec.io.dtypes import CODE_OF_DTYPE, element_size
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
-
-# Bytes of tensors that may wait for the writing thread before ``write`` blocks (a larger
-# tensor is taken alone).
-QUEUED_BYTES = 64 * 1024**2
 
 
 def parse_size(value: int | str) -> int:
@@ -130,87 +125,6 @@ def check_output_path(out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out.parent}: parent folder of the output does not exist")
 
 
-@dataclass
-class _Write:
-    fd: int
-    offset: int
-    data: memoryview
-    keep: torch.Tensor  # owns the memory ``data`` points into
-
-
-class _WriteQueue:
-    """``pwrite`` calls done in order by one thread, with at most ``limit`` bytes waiting.
-
-    The first failure is kept: it is raised by the next :meth:`put` or :meth:`drain`, and the
-    writes still waiting are dropped."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._waiting: deque[_Write] = deque()
-        self._bytes = 0
-        self._closed = False
-        self._error: OSError | None = None
-        self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def put(self, write: _Write) -> None:
-        with self._changed:
-            while self._bytes and self._bytes + len(write.data) > self._limit and not self._error:
-                self._changed.wait()
-            self._raise_error()
-            self._waiting.append(write)
-            self._bytes += len(write.data)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="taskvec-writer", daemon=True
-                )
-                self._thread.start()
-            self._changed.notify_all()
-
-    def drain(self) -> None:
-        """Wait until every write is done; raise the first failure."""
-        with self._changed:
-            while self._waiting and not self._error:
-                self._changed.wait()
-            self._raise_error()
-
-    def close(self) -> None:
-        """Stop the thread once the writes waiting are done (dropped after a failure)."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise OutputError(f"writing the output failed: {self._error}") from self._error
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                while not self._waiting and not self._closed:
-                    self._changed.wait()
-                if not self._waiting or self._error:
-                    return
-                write = self._waiting[0]
-            try:
-                done = 0
-                while done < len(write.data):
-                    done += os.pwrite(write.fd, write.data[done:], write.offset + done)
-            except OSError as e:
-                with self._changed:
-                    self._error = e
-                    self._waiting.clear()
-                    self._bytes = 0
-                    self._changed.notify_all()
-                return
-            with self._changed:
-                self._waiting.popleft()
-                self._bytes -= len(write.data)
-                self._changed.notify_all()
-
-
 class CheckpointWriter:
     """Write planned tensors into ``out`` (a folder) atomically."""
 
@@ -235,7 +149,7 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self._fds: list[int] = []
-        self._queue = _WriteQueue(QUEUED_BYTES)
+        self._queue = WriteQueue(QUEUED_BYTES)
         self._prefix = prefix
         meta = {"format": "pt", **(metadata or {})}
         try:
@@ -282,7 +196,7 @@ class CheckpointWriter:
             view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             if row_start:
                 offset += row_start * (len(view) // data.shape[0])
-            self._queue.put(_Write(self._fds[shard_i], offset, view, data))
+            self._queue.put(Write(self._fds[shard_i], offset, view, data))
         with self._lock:
             self._pending[name] -= data.numel() * data.element_size()
             if self._pending[name] <= 0:
