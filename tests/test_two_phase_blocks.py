@@ -55,7 +55,8 @@ def test_model_stock_in_row_blocks_equals_one_piece(
 def test_two_phases_read_each_input_once(
     llama: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Phase one reads every input's rows once; phase two reads only the base's rows again."""
+    """Phase one reads every input's rows once; phase two reads nothing (the base's rows are
+    kept as stored)."""
     monkeypatch.setattr("taskvec.engine.CHUNK_ELEMENTS", 64)
     cfg = _config(llama, False)
     plan = plan_merge(cfg)
@@ -75,5 +76,5 @@ def test_two_phases_read_each_input_once(
     n_blocks = len(task.blocks)
     base_path = str(task.base[0].path)
     assert len([r for r in reads if r[0] != base_path]) == len(task.inputs) * n_blocks
-    assert len([r for r in reads if r[0] == base_path]) == 2 * n_blocks
+    assert len([r for r in reads if r[0] == base_path]) == n_blocks
     assert tuple(out.shape) == tuple(open_checkpoint(llama.base).tensors[task.name].shape)

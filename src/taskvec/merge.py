@@ -294,6 +294,12 @@ class _TensorTask:
     def load(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inputs stacked as ``(N, *shape)`` in the working dtype on ``device``, and the
         base tensor (only rows ``[start, stop)`` for a row chunk of an elementwise method)."""
+        stacked = self.load_models(device)
+        stored = self.read_base(stacked.device)
+        return stacked, None if stored is None else stored.to(stacked.dtype)
+
+    def load_models(self, device: torch.device | None = None) -> torch.Tensor:
+        """The inputs stacked as ``(N, *shape)`` in the working dtype on ``device``."""
         ckpt, tname = self.inputs[0]
         first = ckpt.read(tname, self.rows)
         work = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -304,15 +310,14 @@ class _TensorTask:
             stacked[i].copy_(ckpt.read(tname, self.rows))
         if device is not None and device.type != "cpu":
             stacked = stacked.to(device)
-        return stacked, self.load_base(work, stacked.device)
+        return stacked
 
-    def load_base(self, work: torch.dtype | None, device: torch.device) -> torch.Tensor | None:
-        """The base tensor (its rows ``[start, stop)`` for a row block) in ``work`` dtype, or
-        as stored when ``work`` is None."""
+    def read_base(self, device: torch.device) -> torch.Tensor | None:
+        """The base tensor (its rows ``[start, stop)`` for a row block) as stored, on
+        ``device``."""
         if self.base is None:
             return None
-        stored = self.base[0].read(self.base[1], self.rows)
-        return stored.to(device=device, dtype=work or stored.dtype)
+        return self.base[0].read(self.base[1], self.rows).to(device)
 
     def run(self, run: _Run) -> JobResult:
         if self.blocks:
@@ -332,27 +337,30 @@ class _TensorTask:
     def _run_in_two_phases(
         self, tensor_pass: TensorPass, device: torch.device
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """The tensor's merged row blocks, ``(first row, rows)``, reading each model once and
-        the base twice: every block's partial result and share of the statistic, then every
-        block's rows."""
+        """The tensor's merged row blocks, ``(first row, rows)``, reading each input once:
+        every block's partial result and share of the statistic, then every block's rows (the
+        base's rows are kept as stored in between)."""
         per_model = _on(self.per_model, device)
         partials: torch.Tensor | None = None
         total: torch.Tensor | None = None
+        bases: list[torch.Tensor | None] = []  # kept as stored for the second phase
         for start, stop in self.blocks:
-            stacked, base = replace(self, rows=(start, stop), blocks=()).load(device)
+            block = replace(self, rows=(start, stop), blocks=())
+            stacked = block.load_models(device)
+            bases.append(block.read_base(stacked.device))
             if partials is None:
                 shape = (self.blocks[-1][1], *stacked.shape[2:])
                 partials = torch.empty(shape, dtype=stacked.dtype, device=device)
             share = tensor_pass.collect(
-                stacked, base, partials[start:stop], **per_model, **self.global_
+                stacked, bases[-1], partials[start:stop], **per_model, **self.global_
             )
             total = share if total is None else total + share
-            del stacked, base
+            del stacked
         assert partials is not None and total is not None
+        bases.reverse()
         for start, stop in self.blocks:
-            base = replace(self, rows=(start, stop), blocks=()).load_base(None, device)
             part = partials[start:stop]
-            yield start, tensor_pass.finish(part, base, total, **per_model, **self.global_)
+            yield start, tensor_pass.finish(part, bases.pop(), total, **per_model, **self.global_)
 
     def collect(
         self, first_pass: WholeModelPass, device: torch.device | None = None
@@ -390,6 +398,12 @@ def _first_pass(method: MergeMethod, global_: dict[str, Any]) -> WholeModelPass 
     """The method's whole-model pass if these globals want it."""
     first_pass = method.whole_model
     return first_pass if first_pass is not None and first_pass.wanted(**global_) else None
+
+
+def _kept_bytes(infos: list[TensorInfo], has_base: bool) -> int:
+    """What a two-phase job keeps between its phases: the partial result in float32 and the
+    base tensor as stored (``infos[-1]`` when there is a base)."""
+    return 4 * infos[0].numel + (infos[-1].nbytes if has_base else 0)
 
 
 def _two_phases(method: MergeMethod, global_: dict[str, Any]) -> bool:
@@ -560,7 +574,8 @@ def plan_merge(
                     shape=ref_info.shape,
                     dtype=dtype,
                     read_bytes=int(sum(i.nbytes for i in infos) * part),
-                    work_bytes=int(inputs_bytes) + (4 * ref_info.numel if blocks else 0),
+                    work_bytes=int(inputs_bytes)
+                    + (_kept_bytes(infos, sl.base is not None) if blocks else 0),
                     compute=_bind(task, run),
                     rows=rows,
                 )

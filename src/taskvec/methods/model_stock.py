@@ -54,7 +54,7 @@ def _collect(
 ) -> torch.Tensor:
     """A row block's Σ τᵢ into ``partial`` and its share of the tensor's Gram matrix, (1, N, N)
     in float64 (the blocks' shares are summed)."""
-    deltas = _deltas(tensors, base.reshape(1, -1))
+    deltas = _deltas(tensors, base.reshape(1, -1).to(tensors.dtype))
     _sum(deltas, partial.view(1, -1))
     return _tensor_gram(deltas).double()
 

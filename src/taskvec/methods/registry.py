@@ -27,13 +27,15 @@ parameters that every call of the method receives. The method stays per-tensor a
 A method that is elementwise once it knows a statistic of the whole tensor (Model Stock's
 cosines between the task vectors) declares ``elementwise=True`` and a :class:`TensorPass`.
 A tensor too large for one block of elementwise work is then merged by one job in two phases
-over its row blocks, reading each model once (the base twice): ``collect`` writes each
-block's partial result into ``partial`` (the block's rows of a buffer the size of the tensor,
-in the working dtype) and returns the block's share of the statistic (summed over the
-blocks); ``finish`` turns each partial result, the block's base rows (as stored) and the
-summed statistic into the merged rows, which the engine writes block by block. A tensor done
-in one piece is a plain call of the method, which computes the statistic itself. The working
-set is the tensor in float32 plus one block's inputs.
+over its row blocks, reading each input once: ``collect`` writes each block's partial result
+into ``partial`` (the block's rows of a buffer the size of the tensor, in the working dtype)
+and returns the block's share of the statistic (summed over the blocks); ``finish`` turns each
+partial result, the block's base rows and the summed statistic into the merged rows, which the
+engine writes block by block. Both phases get the base rows as stored (e.g. bfloat16, kept in
+between): torch's mixed-dtype arithmetic computes them in the working dtype without a
+converted copy. A tensor done in one piece is a plain call of the method, which computes the
+statistic itself. The working set is the tensor in float32 and its base rows, plus one
+block's inputs.
 
 The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
 devices, or knows about other tensors: the engine streams, schedules and writes.
@@ -75,10 +77,10 @@ class TensorPass:
     """Two phases over the row blocks of one large tensor (see the module docstring).
 
     ``collect(tensors, base, partial, **params) -> share`` for one row block fills ``partial``
-    (it gets its own buffers and may overwrite them); ``finish(partial, base, total, **params)
-    -> rows``, where ``total`` is the sum of the blocks' shares, ``base`` the block's base rows
-    as stored (e.g. bfloat16: torch's mixed-dtype arithmetic computes in ``partial``'s dtype
-    without a converted copy) and ``finish`` may overwrite ``partial``;
+    (it gets its own buffers and may overwrite them, but not ``base``, which it gets as
+    stored); ``finish(partial, base, total, **params) -> rows``, where ``total`` is the sum of
+    the blocks' shares, ``base`` the block's base rows as stored and ``finish`` may overwrite
+    ``partial``;
     ``wanted(**globals) -> bool`` says whether this configuration needs the two phases at all.
     """
 
