@@ -8,8 +8,9 @@ reads one tensor at a time on request. Supported layouts:
   ``pytorch_model.bin.index.json`` (any ``*.index.json`` whose ``weight_map`` names the shards);
 * a single ``.safetensors``, ``.bin``, ``.pt`` or ``.pth`` state-dict file.
 
-Safetensors are read with positioned reads (``os.pread``) into fresh buffers rather than through
-a memory map, so resident memory holds only the tensors in use, whatever the model's size.
+Safetensors reads under 16 MiB (the engine's row blocks) are positioned reads into fresh
+buffers; larger ones map just the tensor's bytes copy-on-write. Either way resident memory
+holds only the tensors in use, whatever the model's size.
 Pickled checkpoints go through ``torch.load(weights_only=True, mmap=True)``.
 """
 
