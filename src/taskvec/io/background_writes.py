@@ -71,7 +71,8 @@ class _Writeback:
             self._changed.notify()
 
     def close(self) -> None:
-        """Stop once the ranges given so far are started (their files must stay open until)."""
+        """Stop once the ranges given so far are started (their files must stay open until
+        this returns)."""
         with self._changed:
             self._closed = True
             self._changed.notify()

@@ -88,7 +88,7 @@ def model_stock(tensors: torch.Tensor, base: torch.Tensor, *, filter_wise: bool)
     matrix product per row when filter_wise) and divide by max(‖τᵢ‖‖τⱼ‖, 1e-6), as mergekit
     does: nearly zero task vectors get a smaller t. A large tensor is merged in two phases over
     row blocks (its Gram matrix summed in float64, then θ₀ + (t / N) Σ τᵢ per block), reading
-    each fine-tuned model once."""
+    each input once."""
     n = tensors.shape[0]
     shape = base.shape
     per_row = filter_wise and base.dim() >= 2

@@ -31,11 +31,11 @@ over its row blocks, reading each input once: ``collect`` writes each block's pa
 into ``partial`` (the block's rows of a buffer the size of the tensor, in the working dtype)
 and returns the block's share of the statistic (summed over the blocks); ``finish`` turns each
 partial result, the block's base rows and the summed statistic into the merged rows, which the
-engine writes block by block. Both phases get the base rows as stored (e.g. bfloat16, kept in
-between): torch's mixed-dtype arithmetic computes them in the working dtype without a
-converted copy. A tensor done in one piece is a plain call of the method, which computes the
-statistic itself. The working set is the tensor in float32 and its base rows, plus one
-block's inputs.
+engine writes block by block. Both phases get the base rows as stored (e.g. bfloat16, kept
+between the phases); the method converts them, or lets torch's mixed-dtype arithmetic do it
+(``finish`` can then skip a converted copy). A tensor done in one piece is a plain call of
+the method, which computes the statistic itself. The working set is the tensor in float32 and
+its base rows, plus one block's inputs.
 
 The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
 devices, or knows about other tensors: the engine streams, schedules and writes.
