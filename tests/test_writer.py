@@ -149,3 +149,22 @@ def test_disk_writes_start_in_the_background_for_every_range_written(tmp_path, m
     assert sum(length for _, _, length in started) == sum(v.numel() * 4 for v in tensors.values())
     assert all(".out.tmp-" in path for path, _, _ in started)
     assert len({path for path, _, _ in started}) > 1  # several shards
+
+
+def test_a_write_after_abort_is_refused(tmp_path) -> None:
+    tensors = _tensors(2)
+    w = CheckpointWriter(tmp_path / "out", _plan(tensors))
+    w.write("t0", tensors["t0"])
+    w.abort()
+    with pytest.raises(OutputError, match="after the output was closed"):
+        w.write("t1", tensors["t1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_queue_refuses_a_write_once_closed(tmp_path) -> None:
+    queue = background_writes.WriteQueue(1 << 20)
+    queue.close()
+    data = torch.zeros(4)
+    write = background_writes.Write(-1, 0, memoryview(data.numpy()), data)
+    with pytest.raises(OutputError, match="after the output was closed"):
+        queue.put(write)

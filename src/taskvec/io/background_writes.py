@@ -110,9 +110,15 @@ class WriteQueue:
 
     def put(self, write: Write) -> None:
         with self._changed:
-            while self._bytes and self._bytes + len(write.data) > self._limit and not self._error:
+            while (
+                self._bytes
+                and self._bytes + len(write.data) > self._limit
+                and not (self._error or self._closed)
+            ):
                 self._changed.wait()
             self._raise_error()
+            if self._closed:
+                raise OutputError("internal: a tensor was written after the output was closed")
             self._waiting.append(write)
             self._bytes += len(write.data)
             if self._thread is None:
