@@ -357,7 +357,7 @@ class _TensorTask:
             total = share if total is None else total + share
             del stacked
         assert partials is not None and total is not None
-        bases.reverse()
+        bases.reverse()  # popped in block order, so each block's base rows go once finished
         for start, stop in self.blocks:
             part = partials[start:stop]
             yield start, tensor_pass.finish(part, bases.pop(), total, **per_model, **self.global_)

@@ -11,7 +11,6 @@ the output is committed they are done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections import deque
@@ -33,8 +32,7 @@ def _writeback_starter() -> Callable[[int, int, int], object] | None:
     """``sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)`` where the C library has
     it (Linux), else None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library's symbols
     except (OSError, AttributeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -116,9 +114,7 @@ class WriteQueue:
                 and not (self._error or self._closed)
             ):
                 self._changed.wait()
-            self._raise_error()
-            if self._closed:
-                raise OutputError("internal: a tensor was written after the output was closed")
+            self._check_open()
             self._waiting.append(write)
             self._bytes += len(write.data)
             if self._thread is None:
@@ -129,6 +125,11 @@ class WriteQueue:
                 )
                 self._thread.start()
             self._changed.notify_all()
+
+    def check_open(self) -> None:
+        """Raise the first failure, or refuse a queue that was closed."""
+        with self._changed:
+            self._check_open()
 
     def drain(self) -> None:
         """Wait until every write is done; raise the first failure."""
@@ -150,6 +151,11 @@ class WriteQueue:
     def _raise_error(self) -> None:
         if self._error is not None:
             raise OutputError(f"writing the output failed: {self._error}") from self._error
+
+    def _check_open(self) -> None:
+        self._raise_error()
+        if self._closed:
+            raise OutputError("internal: a tensor was written after the output was closed")
 
     def _run(self) -> None:
         while True:

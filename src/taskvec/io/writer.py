@@ -190,8 +190,7 @@ class CheckpointWriter:
         Thread-safe: every tensor, and every row range of it, has its own byte range. The
         write happens in the background: ``tensor`` must not be modified afterwards.
         """
-        if not self._fds:
-            raise OutputError("internal: a tensor was written after the output was closed")
+        self._queue.check_open()  # before the shard's descriptor, which closing drops
         shard_i, offset = self._where[name]
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
