@@ -35,8 +35,9 @@ from taskvec.bench.encoder import (
 from taskvec.bench.evaluate import EvalResult, Evaluator, TaskScore
 from taskvec.bench.finetune import Expert, build_expert, expert_dir
 from taskvec.bench.probe import ProbeResult, linear_probe
-from taskvec.bench.sources import BenchError, cache_dir
+from taskvec.bench.sources import BenchError
 from taskvec.bench.tasks import TaskData, load_task
+from taskvec.cache import cache_dir
 
 log = logging.getLogger("taskvec.bench")
 

@@ -30,8 +30,8 @@ from taskvec.bench.encoder import (
 from taskvec.bench.evaluate import EvalResult, combine
 from taskvec.bench.finetune import Expert, build_experts
 from taskvec.bench.probe import linear_probe, probe_results
-from taskvec.bench.sources import cache_dir
 from taskvec.bench.tasks import load_task
+from taskvec.cache import cache_dir
 from taskvec.errors import TaskvecError
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)

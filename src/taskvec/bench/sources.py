@@ -25,8 +25,6 @@ from taskvec.errors import TaskvecError
 
 log = logging.getLogger("taskvec.bench")
 
-CACHE_ENV = "TASKVEC_CACHE"
-
 
 class BenchError(TaskvecError):
     """A benchmark step failed (missing model package, bad settings, missing expert...)."""
@@ -34,14 +32,6 @@ class BenchError(TaskvecError):
 
 class DataError(BenchError):
     """A data archive could not be fetched, failed its checksum, or could not be unpacked."""
-
-
-def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """The benchmark cache: ``path``, else ``$TASKVEC_CACHE``, else ``~/.cache/taskvec``."""
-    if path is not None:
-        return Path(path).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "taskvec"
 
 
 @dataclass(frozen=True)
