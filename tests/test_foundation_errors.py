@@ -501,10 +501,30 @@ def test_parameters_that_produce_nan_are_refused_before_work(
 
 
 def test_output_parent_missing(bert: Family, tmp_path: Path) -> None:
+    """Missing parent folders are made (umask applied), as users expect; a failed run removes
+    the ones it made; a parent that is a file is refused."""
     out = tmp_path / "no" / "such" / "out"
     res = run_cli("diff", bert.base, bert.fts[0], out, "--no-progress")
-    one_error_line(res, "does not exist")
-    assert not (tmp_path / "no").exists()
+    assert res.exit_code == 0, res.stderr
+    assert load_folder(out).keys() == load_folder(bert.base).keys() - {"embeddings.position_ids"}
+    assert (tmp_path / "no").stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+    inf = _with_inf(bert, tmp_path / "inf")
+    res = run_cli("diff", bert.base, inf, tmp_path / "new" / "out", "--no-progress")
+    one_error_line(res, "NaN/Inf")
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "file").write_text("not a folder")
+    for target in (tmp_path / "file" / "out", tmp_path / "file" / "sub" / "out"):
+        res = run_cli("diff", bert.base, bert.fts[0], target, "--no-progress")
+        one_error_line(res, str(tmp_path / "file"), "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_different_architectures(

@@ -11,7 +11,9 @@ Semantics by name:
   tensors only one of them has (a task head, say) are left out, with a log message.
 * ``tv_a + tv_b`` covers the union of their names; a tensor missing from one counts as zero.
 * ``base + tv`` has the names of ``base``; ``tv``'s tensors must all exist in ``base`` with the
-  same shape, and tensors ``tv`` lacks are copied from ``base``.
+  same shape, and tensors ``tv`` lacks are copied from ``base``. A task vector loaded from disk
+  must come from ``base`` itself (same content fingerprint) unless asked otherwise: see
+  :func:`base_mismatch` and :func:`apply`.
 * ``(m1 + m2) / 2`` or ``0.5 * m1 + 0.5 * m2`` is a weighted average of models (a model soup);
   the weights must sum to 1.
 """
@@ -43,8 +45,12 @@ from taskvec.engine import (
 )
 from taskvec.errors import CheckpointError, IncompatibleError
 from taskvec.io.checkpoint import Checkpoint, check_not_an_input, open_checkpoint
-from taskvec.io.dtypes import dtype_name, element_size, parse_dtype
+from taskvec.io.dtypes import element_size, parse_dtype
+from taskvec.io.fingerprint import content_fingerprint
+from taskvec.io.manifest import describe_inputs
 from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
+from taskvec.model_card import CardInput, expression_card
+from taskvec.output_config import with_dtype
 
 log = logging.getLogger("taskvec")
 
@@ -85,7 +91,8 @@ def _read(ckpt: Checkpoint, name: str, cache: _Cache) -> torch.Tensor:
 
 
 def _fingerprint(specs: dict[str, Spec]) -> str:
-    """Structural fingerprint: a hash of the float tensors' names and shapes."""
+    """Structural fingerprint: a hash of the float tensors' names and shapes (what task
+    vectors saved by older taskvec recorded as their base's fingerprint: 16 hex digits)."""
     h = hashlib.sha256()
     for name in sorted(specs):
         if specs[name].dtype.is_floating_point:
@@ -118,11 +125,12 @@ class _Expr:
     def names(self) -> list[str]:
         return list(self.specs)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Compute one tensor (float32, or float64 if an input is float64)."""
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Compute one tensor, or its rows ``[start, stop)`` (float32, or float64 if an input
+        is float64)."""
         if name not in self.specs:
             raise KeyError(name)
-        return self._eval(name, _Cache())
+        return self._eval(name, _Cache(rows))
 
     def state_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Materialise every tensor (in ``dtype``, default each tensor's native dtype)."""
@@ -170,10 +178,13 @@ class _Expr:
         threads: int | None,
         progress: bool,
         metadata: dict[str, str],
-        side_files: Iterable[Path],
+        side_files: Mapping[str, Path],
         config: dict[str, Any] | None,
         description: str,
+        card: Callable[[], str] | None = None,
+        records: Mapping[str, dict[str, Any]] | None = None,
     ) -> Path:
+        """Evaluate and write the output; ``records`` are JSON files written into it."""
         want = parse_dtype(dtype)
         jobs = self._jobs(want)
         n_threads = threads or default_threads()
@@ -186,14 +197,21 @@ class _Expr:
             shard_size=shard_size,
             metadata=metadata,
             overwrite=overwrite,
+            producer=lambda: {
+                "operation": description,
+                "expression": repr(self),
+                "inputs": describe_inputs(_unique(self._leaves()), n_threads),
+            },
         )
         with writer:
             execute(jobs, writer, threads=n_threads, progress=progress, description=description)
-            for f in side_files:
-                if f.name != "config.json":
-                    writer.add_file(f)
+            writer.add_files({n: p for n, p in side_files.items() if n != "config.json"})
+            if card is not None:
+                writer.add_text("README.md", card())
             if config is not None:
                 writer.add_json("config.json", config)
+            for name, record in (records or {}).items():
+                writer.add_json(name, record)
             return writer.commit()
 
 
@@ -237,8 +255,16 @@ class Model(_Expr):
         """The checkpoint whose layout and side files (config, tokenizer) this model carries."""
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        return _fingerprint(self.specs)
+    def fingerprint(self) -> str | None:
+        """The content fingerprint (``c1:…``, see :mod:`taskvec.io.fingerprint`) of a model
+        read from a checkpoint; ``None`` for an expression (a soup, ``base + τ``…), which has
+        no file content: save it to get one."""
+        return None
+
+    def _anchor(self) -> CheckpointModel | None:
+        """The checkpoint this model is built on by adding task vectors (itself for a
+        checkpoint): the base a stored task vector applied to it must come from."""
+        return None
 
     def patched(self, tensors: Mapping[str, torch.Tensor]) -> Model:
         """This model with the named tensors replaced by ``tensors`` (same shapes)."""
@@ -256,15 +282,13 @@ class Model(_Expr):
     ) -> Path:
         """Evaluate tensor by tensor and write a ``save_pretrained``-style folder atomically.
 
-        The config and tokenizer files of :attr:`primary` are copied alongside, with the
-        config's dtype updated when ``dtype`` is given.
+        The side files of :attr:`primary` (config, tokenizer, remote code...: see
+        :mod:`taskvec.io.side_files`) are copied alongside, with the config's dtype updated
+        when ``dtype`` is given, and a model card (``README.md``) names the expression and its
+        inputs.
         """
         config = self.primary.config
         want = parse_dtype(dtype)
-        if config is not None and want is not None:
-            config = {**config, "torch_dtype": dtype_name(want)}
-            if "dtype" in config:
-                config["dtype"] = dtype_name(want)
         return self._save(
             path,
             dtype=want,
@@ -274,9 +298,22 @@ class Model(_Expr):
             progress=progress,
             metadata={},
             side_files=self.primary.side_files(),
-            config=config,
+            config=None if config is None else with_dtype(config, want),
             description="saving model",
+            card=lambda: self._card(Path(path).name),
         )
+
+    def _card(self, title: str) -> str:
+        """The model card of this model saved as ``title``."""
+        inputs = [
+            CardInput(
+                "task vector" if "taskvec.kind" in c.metadata else "model",  # or EMR's
+                str(c.path),
+                c,
+            )
+            for c in self._leaves()
+        ]
+        return expression_card(title, repr(self), inputs, self.primary)
 
 
 class CheckpointModel(Model):
@@ -297,14 +334,23 @@ class CheckpointModel(Model):
     def primary(self) -> Checkpoint:
         return self.ckpt
 
+    def fingerprint(self) -> str:
+        return content_fingerprint(self.ckpt)
+
+    def _anchor(self) -> CheckpointModel:
+        return self
+
     def __repr__(self) -> str:
         return f"Model({str(self.ckpt.path)!r})"
 
 
 class AppliedModel(Model):
-    """``base + tv``: the base's tensors, shifted by the task vector where it has them."""
+    """``base + tv``: the base's tensors, shifted by the task vector where it has them.
 
-    def __init__(self, base: Model, tv: TaskVector) -> None:
+    A stored task vector (see :func:`base_mismatch`) must come from this base, unless
+    ``allow_other_base``."""
+
+    def __init__(self, base: Model, tv: TaskVector, allow_other_base: bool = False) -> None:
         self.base, self.tv = base, tv
         base_specs = base.specs
         for name, spec in tv.specs.items():
@@ -314,10 +360,19 @@ class AppliedModel(Model):
                     f"({base_specs and next(iter(base_specs))!r}... has {len(base_specs)} tensors)"
                 )
             _check_shapes(name, base_specs[name], spec, "base vs task vector")
+        problem = None if allow_other_base else base_mismatch(base, tv)
+        if problem is not None:
+            raise IncompatibleError(
+                f"{problem}; to apply it anyway: apply(..., allow_other_base=True), "
+                "or taskvec apply --any-base"
+            )
 
     @property
     def specs(self) -> dict[str, Spec]:  # type: ignore[override]
         return self.base.specs
+
+    def _anchor(self) -> CheckpointModel | None:
+        return self.base._anchor()
 
     def _eval(self, name: str, cache: _Cache) -> torch.Tensor:
         base = self.base._eval(name, cache)
@@ -403,6 +458,12 @@ class SoupModel(Model):
 
     def _leaves(self) -> list[Checkpoint]:
         return _unique([leaf for _, m in self.terms for leaf in m._leaves()])
+
+    def _anchor(self) -> CheckpointModel | None:
+        anchors = [m._anchor() for _, m in self.terms]  # a soup of base + τᵢ is built on base
+        if any(a is None for a in anchors):
+            return None
+        return anchors[0] if len({a.fingerprint() for a in anchors if a}) == 1 else None
 
     @property
     def primary(self) -> Checkpoint:
@@ -549,15 +610,22 @@ class TaskVector(_Expr):
         """Save the task vector on its own (safetensors, tagged as a task vector).
 
         ``base`` (default: the model it was computed from, when known) is recorded by its
-        structural fingerprint so that applying it to an incompatible base can be refused.
+        content fingerprint and path, so that applying the vector to another base is refused
+        (see :func:`base_mismatch`). A base that is not one saved checkpoint (an expression)
+        has no fingerprint: none is recorded, with a warning.
         """
-        base = base or self._base_model()
+        record = _record_of(base) if base is not None else self._base_record()
         meta = {"taskvec.kind": TASK_VECTOR_KIND}
         info: dict[str, Any] = {"kind": TASK_VECTOR_KIND, "tensors": len(self.specs)}
-        if base is not None:
-            meta["taskvec.base_fingerprint"] = base.fingerprint()
-            info["base_fingerprint"] = meta["taskvec.base_fingerprint"]
-            info["base_path"] = str(base.primary.path)
+        if record is None:
+            log.warning(
+                "%s: no base fingerprint recorded (the base is not one saved checkpoint), so "
+                "applying this task vector cannot be checked",
+                path,
+            )
+        else:
+            meta["taskvec.base_fingerprint"] = info["base_fingerprint"] = record.fingerprint
+            meta["taskvec.base_path"] = info["base_path"] = record.path
         out = self._save(
             path,
             dtype=dtype,
@@ -566,15 +634,79 @@ class TaskVector(_Expr):
             threads=threads,
             progress=progress,
             metadata=meta,
-            side_files=(),
+            side_files={},
             config=None,
             description="saving task vector",
+            records={"taskvec.json": info},
         )
-        (out / "taskvec.json").write_text(json.dumps(info, indent=2) + "\n")
         return out
 
-    def _base_model(self) -> Model | None:
+    def _base_record(self) -> BaseRecord | None:
+        """The base this vector was extracted from, when known."""
         return None
+
+    def _stored(self) -> list[StoredVector]:
+        """The stored task vectors this expression reads."""
+        return []
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """The base a task vector was extracted from: its fingerprint and where it was read."""
+
+    fingerprint: str
+    path: str
+
+
+def _record_of(model: Model) -> BaseRecord | None:
+    fp = model.fingerprint()
+    return None if fp is None else BaseRecord(fp, str(model.primary.path))
+
+
+def is_structural(fingerprint: str) -> bool:
+    """Whether a recorded base fingerprint is an older, structural one (16 hex digits)."""
+    return re.fullmatch(r"[0-9a-f]{16}", fingerprint) is not None
+
+
+def base_mismatch(model: Model, tv: TaskVector) -> str | None:
+    """Why the stored task vectors in ``tv`` may not be applied to ``model``; ``None`` if they
+    may.
+
+    A stored vector records its base's content fingerprint: ``model`` must be a checkpoint with
+    the same one, or be built on one by adding task vectors (``base + τ₁`` takes τ₂ of the
+    same base). A vector saved by older taskvec records a structural fingerprint (tensor names
+    and shapes): only those are compared, as a log line says. A vector recording no
+    fingerprint cannot be checked: it is applied with a warning.
+    """
+    for v in tv._stored():
+        record = v._base_record()
+        if record is None:
+            log.warning("%r records no base fingerprint: not checked against %r", v, model)
+        elif is_structural(record.fingerprint):
+            log.info(
+                "%r records a structural base fingerprint (older taskvec): only tensor names "
+                "and shapes are compared",
+                v,
+            )
+            have = _fingerprint(model.specs)
+            if have != record.fingerprint:
+                return (
+                    f"task vector {v.ckpt.path} was extracted from {record.path} (structural "
+                    f"fingerprint {record.fingerprint}), whose tensor names or shapes differ "
+                    f"from those of {model!r} ({have})"
+                )
+        elif (anchor := model._anchor()) is None:
+            return (
+                f"cannot check that task vector {v.ckpt.path} (extracted from {record.path}, "
+                f"{record.fingerprint}) fits {model!r}: it is not a saved checkpoint plus "
+                "task vectors"
+            )
+        elif (have := anchor.fingerprint()) != record.fingerprint:
+            return (
+                f"task vector {v.ckpt.path} was extracted from {record.path} "
+                f"({record.fingerprint}), not from the base {anchor.ckpt.path} ({have})"
+            )
+    return None
 
 
 def _terms(tv: TaskVector) -> list[tuple[float, TaskVector]]:
@@ -620,8 +752,8 @@ class DiffVector(TaskVector):
     def _leaves(self) -> list[Checkpoint]:
         return _unique(self.ft._leaves() + self.base._leaves())
 
-    def _base_model(self) -> Model | None:
-        return self.base
+    def _base_record(self) -> BaseRecord | None:
+        return _record_of(self.base)
 
     def __repr__(self) -> str:
         return f"({self.ft!r} - {self.base!r})"
@@ -646,6 +778,21 @@ class StoredVector(TaskVector):
     @property
     def base_fingerprint(self) -> str | None:
         return self.ckpt.metadata.get("taskvec.base_fingerprint")
+
+    def _base_record(self) -> BaseRecord | None:
+        fp = self.base_fingerprint
+        if fp is None:
+            return None
+        path = self.ckpt.metadata.get("taskvec.base_path")
+        if path is None:  # saved by older taskvec: the path is only in taskvec.json
+            try:
+                path = json.loads((self.ckpt.root / "taskvec.json").read_text())["base_path"]
+            except (OSError, ValueError, KeyError, TypeError):
+                path = "an unrecorded base"
+        return BaseRecord(fp, str(path))
+
+    def _stored(self) -> list[StoredVector]:
+        return [self]
 
     def __repr__(self) -> str:
         return f"TaskVector({str(self.ckpt.path)!r})"
@@ -681,9 +828,14 @@ class CombinedVector(TaskVector):
     def _leaves(self) -> list[Checkpoint]:
         return _unique([leaf for _, v in self.terms for leaf in v._leaves()])
 
-    def _base_model(self) -> Model | None:
-        bases = {id(b): b for _, v in self.terms if (b := v._base_model()) is not None}
-        return next(iter(bases.values())) if len(bases) == 1 else None
+    def _base_record(self) -> BaseRecord | None:
+        records = [v._base_record() for _, v in self.terms]
+        if any(r is None for r in records) or len({r.fingerprint for r in records if r}) > 1:
+            return None
+        return records[0]
+
+    def _stored(self) -> list[StoredVector]:
+        return [s for _, v in self.terms for s in v._stored()]
 
     def __repr__(self) -> str:
         return " + ".join(f"{c:g}*{v!r}" for c, v in self.terms)
@@ -710,8 +862,11 @@ class SelectedVector(TaskVector):
     def _leaves(self) -> list[Checkpoint]:
         return self.tv._leaves()
 
-    def _base_model(self) -> Model | None:
-        return self.tv._base_model()
+    def _base_record(self) -> BaseRecord | None:
+        return self.tv._base_record()
+
+    def _stored(self) -> list[StoredVector]:
+        return self.tv._stored()
 
 
 def _matcher(patterns: str | Iterable[str], empty: bool = True) -> Callable[[str], bool]:
@@ -757,20 +912,17 @@ def analogy(a: Any, b: Any, c: Any) -> Any:
     return c + (b - a)
 
 
-def apply(base: Model, vectors: Iterable[TaskVector], scale: float = 1.0) -> Model:
-    """``base + scale · Σ vectors``, refusing stored vectors made for a different base."""
+def apply(
+    base: Model,
+    vectors: Iterable[TaskVector],
+    scale: float = 1.0,
+    *,
+    allow_other_base: bool = False,
+) -> Model:
+    """``base + scale · Σ vectors``, refusing stored vectors extracted from another base
+    (see :func:`base_mismatch`) unless ``allow_other_base``: applying a vector to another
+    base of the same architecture (a further fine-tune of its base, say) must be asked for."""
     vectors = list(vectors)
-    fp = base.fingerprint()
-    for v in vectors:
-        want = v.base_fingerprint if isinstance(v, StoredVector) else None
-        if want is not None and want != fp:
-            log.warning(
-                "%r was extracted from a base with fingerprint %s, this base has %s; "
-                "applying anyway since every tensor name and shape fits",
-                v,
-                want,
-                fp,
-            )
     if not vectors:
         raise IncompatibleError("no task vector to apply")
-    return base + scale * sum(vectors[1:], vectors[0])
+    return AppliedModel(base, scale * sum(vectors[1:], vectors[0]), allow_other_base)

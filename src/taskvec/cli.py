@@ -10,13 +10,15 @@ from typing import Any
 
 import click
 
-from taskvec.algebra import Model, TaskVector, apply, load, load_model
+from taskvec.algebra import Model, TaskVector, apply, is_structural, load, load_model
 from taskvec.cli_errors import friendly
 from taskvec.engine import default_threads, planned_tensors
-from taskvec.errors import CheckpointError
+from taskvec.errors import CheckpointError, OutputError
 from taskvec.fda.config import FdaMerge
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.dtypes import dtype_name
+from taskvec.io.manifest import verify as verify_output
+from taskvec.io.output_siblings import partial_folder
 from taskvec.io.writer import DEFAULT_SHARD_SIZE
 from taskvec.merge import merge as run_merge
 
@@ -24,6 +26,14 @@ log = logging.getLogger("taskvec")
 
 
 _friendly = friendly()
+
+
+def _merge_interrupted(out: Path, resume: bool, **_: Any) -> str:
+    """What an interrupted merge leaves."""
+    if not resume:
+        return "nothing was written"
+    kept = partial_folder(out.expanduser().absolute())
+    return f"the finished part is kept in {kept}; run the same command again to continue"
 
 
 _threads = click.option(
@@ -67,8 +77,14 @@ def main(verbose: int) -> None:
 @_shard
 @click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE...).")
 @click.option("--device", default="cpu", show_default=True, help="Where methods compute (cuda).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Build OUT resumably: a run that is interrupted or killed keeps its finished part, "
+    "and the same command continues it.",
+)
 @_quiet
-@_friendly
+@friendly(_merge_interrupted)
 def merge(
     config: Path,
     out: Path,
@@ -78,6 +94,7 @@ def merge(
     shard_size: str,
     random_seed: int | None,
     device: str,
+    resume: bool,
     no_progress: bool,
 ) -> None:
     """Merge the models of a mergekit-style YAML CONFIG into the folder OUT."""
@@ -91,6 +108,7 @@ def merge(
         random_seed=random_seed,
         progress=not no_progress,
         device=device,
+        resume=resume,
     )
     fda = isinstance(plan, FdaMerge)
     name = "fda" if fda else plan.method.name
@@ -102,7 +120,15 @@ def merge(
         click.echo(f"merged {n_tensors} tensors with {name} into {out}")
         return
     click.echo(f"plan: {name} -> {out}")
-    lines = plan.lines() if fda else plan.summary(threads or default_threads()).lines()
+    lines = (
+        plan.lines()
+        if fda
+        else [
+            *plan.summary(threads or default_threads()).lines(),
+            *plan.config_lines(),
+            *plan.notes,
+        ]
+    )
     for line in lines:
         click.echo(f"  {line}")
     if plan.problems:
@@ -169,6 +195,11 @@ def diff(
     show_default=True,
     help="λ in base + λ·Σ τ (negative to subtract: unlearning).",
 )
+@click.option(
+    "--any-base",
+    is_flag=True,
+    help="Apply task vectors extracted from another base (same tensor names and shapes).",
+)
 @_dtype
 @_shard
 @_threads
@@ -180,13 +211,17 @@ def apply_cmd(
     vectors: tuple[Path, ...],
     out: Path | None,
     scale: float,
+    any_base: bool,
     dtype: str | None,
     shard_size: str,
     threads: int | None,
     overwrite: bool,
     no_progress: bool,
 ) -> None:
-    """Apply task vectors to BASE: OUT = BASE + scale · Σ VECTORS (BASE TV... OUT, or -o OUT)."""
+    """Apply task vectors to BASE: OUT = BASE + scale · Σ VECTORS (BASE TV... OUT, or -o OUT).
+
+    A task vector extracted from another base than BASE (by content fingerprint) is refused
+    unless --any-base."""
     if out is None:
         if len(vectors) < 2:
             raise click.UsageError("give BASE, at least one task vector, and OUT (or -o OUT)")
@@ -200,7 +235,7 @@ def apply_cmd(
                 f"{v}: is a model, not a task vector (make one with taskvec diff)"
             )
         taus.append(loaded)
-    model = apply(load_model(base), taus, scale)
+    model = apply(load_model(base), taus, scale, allow_other_base=any_base)
     model.save(out, **_save_options(dtype, shard_size, threads, overwrite, no_progress))
     click.echo(f"saved {base} + {scale:g}·Σ({len(taus)} task vectors) to {out}")
 
@@ -230,12 +265,30 @@ def info(path: Path, show_tensors: bool) -> None:
         arch = ",".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
         click.echo(f"  config:     {arch}")
     if isinstance(obj, Model):
-        click.echo(f"  fingerprint: {obj.fingerprint()}")
+        click.echo(f"  fingerprint: {obj.fingerprint()}")  # hashes the bytes once, then cached
     elif (fp := ckpt.metadata.get("taskvec.base_fingerprint")) is not None:
-        click.echo(f"  base fingerprint: {fp}")
+        old = " (structural: names and shapes only, older taskvec)" if is_structural(fp) else ""
+        click.echo(f"  base fingerprint: {fp}{old}")
+        if (base_path := ckpt.metadata.get("taskvec.base_path")) is not None:
+            click.echo(f"  base path:  {base_path}")
     if show_tensors:
         for name, i in ckpt.tensors.items():
             click.echo(f"  {name}  {list(i.shape)}  {dtype_name(i.dtype)}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--inputs", is_flag=True, help="Also check the inputs' weights are unchanged.")
+@_friendly
+def verify(out: Path, inputs: bool) -> None:
+    """Check the output folder OUT against its manifest: every tensor's checksum, the shard
+    headers and the other files. Prints one line per problem; exit status 1 if any."""
+    problems, checked = verify_output(out, inputs=inputs)
+    for line in problems:
+        click.echo(line)
+    if problems:
+        raise OutputError(f"{out}: {len(problems)} problem(s) found in {checked} tensor(s)")
+    click.echo(f"{out}: OK ({checked} tensors match the manifest)")
 
 
 @main.command("emr")

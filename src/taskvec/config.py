@@ -45,8 +45,24 @@ class FilterValue(BaseModel):
 
 ParameterValue = Union[Scalar, list[float], list[FilterValue]]  # noqa: UP007
 Parameters = dict[str, ParameterValue]
-# ``parameters:`` left empty in YAML is null; mergekit reads it as no parameters
-ParametersField = Annotated[Parameters, BeforeValidator(lambda v: {} if v is None else v)]
+
+
+def _parameters(v: Any) -> Any:
+    """``parameters:`` left empty in YAML is null, which mergekit reads as no parameters; an
+    empty list (a gradient or filter value with no points) gives no value at all."""
+    if v is None:
+        return {}
+    for key, value in v.items() if isinstance(v, dict) else ():
+        values = value if isinstance(value, list) else []
+        if value == [] or any(isinstance(e, dict) and e.get("value") == [] for e in values):
+            raise ValueError(
+                f"parameter {key!r} is an empty list (give a value, a gradient of values or a "
+                "filter list)"
+            )
+    return v
+
+
+ParametersField = Annotated[Parameters, BeforeValidator(_parameters)]
 
 
 class InputModel(BaseModel):
@@ -118,6 +134,8 @@ def _describe(err: ValidationError) -> str:
         return f"unknown config key {where!r}"
     if first["type"] == "missing":
         return f"missing required config key {where!r}"
+    if first["type"] == "value_error":  # our own validators' message, without pydantic's prefix
+        return f"{where}: {first['ctx']['error']}"
     return f"{where}: {first['msg']}"
 
 

@@ -112,7 +112,11 @@ def emr_merge(
             )
         )
     writer = CheckpointWriter(
-        out_path, planned_tensors(jobs), metadata={"taskvec.kind": "emr"}, overwrite=overwrite
+        out_path,
+        planned_tensors(jobs),
+        metadata={"taskvec.kind": "emr"},
+        overwrite=overwrite,
+        producer={"operation": "EMR merge", "tasks": names},
     )
     with writer:
         execute(

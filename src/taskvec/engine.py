@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from taskvec.allocator import keep_freed_memory
 from taskvec.blas import blas_threads
 from taskvec.errors import NumericError
-from taskvec.io.dtypes import dtype_name
+from taskvec.io.dtypes import computable, dtype_name
 from taskvec.io.writer import CheckpointWriter, PlannedTensor
 
 log = logging.getLogger("taskvec")
@@ -248,9 +248,10 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     propagate NaN, so both are finite only when every entry is)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    low, high = torch.aminmax(tensor)
+    values = computable(tensor)  # float8 has no reductions
+    low, high = torch.aminmax(values)
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        bad = int((~torch.isfinite(tensor)).sum())
+        bad = int((~torch.isfinite(values)).sum())
         raise NumericError(
             f"tensor {name!r}: {bad} NaN/Inf value(s) produced in {dtype_name(tensor.dtype)}"
         )

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from taskvec import methods
+from taskvec import faults, methods
+from taskvec.algebra import (
+    TASK_VECTOR_KIND,
+    AppliedModel,
+    CheckpointModel,
+    StoredVector,
+    base_mismatch,
+)
 from taskvec.config import MergeConfig, OutputSlice, Parameters, lookup, parse_config
 from taskvec.engine import (
     Job,
@@ -39,13 +46,23 @@ from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, Task
 from taskvec.fda.config import METHOD as FDA_METHOD
 from taskvec.fda.config import FdaMerge
 from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, open_checkpoint
-from taskvec.io.dtypes import dtype_name, parse_dtype
-from taskvec.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, check_output_path
+from taskvec.io.dtypes import computable, dtype_name, parse_dtype
+from taskvec.io.manifest import describe_inputs
+from taskvec.io.writer import (
+    DEFAULT_SHARD_SIZE,
+    CheckpointWriter,
+    check_output_path,
+    finished_output,
+)
 from taskvec.layout import LayerLayout
 from taskvec.methods.registry import REQUIRED, MergeMethod, TensorPass, WholeModelPass
+from taskvec.model_card import merge_card
+from taskvec.model_view import ModelView
+from taskvec.output_config import config_changes, restack_layers, with_dtype
 
 log = logging.getLogger("taskvec")
 
+_FIRST_PASS = "first-pass.pt"  # the whole-model pass's results, kept by a resumable writer
 _TOKENIZER_FILES = (
     "tokenizer",
     "vocab",
@@ -53,8 +70,9 @@ _TOKENIZER_FILES = (
     "special_tokens_map",
     "added_tokens",
     "chat_template",
+    "spiece",  # T5's SentencePiece model
+    "sentencepiece",  # XLM-R's sentencepiece.bpe.model
 )
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class _Slice:
     base: _Source | None
     parameters: Parameters
     length: int
+    where: str = "parameters"  # names the slice in errors about its global parameters
 
 
 @dataclass
@@ -98,6 +117,9 @@ class MergePlan:
     tasks: list[_TensorTask] = field(default_factory=list)
     run: _Run = field(default_factory=_Run)
     inputs: list[Checkpoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts --dry-run reports (task vectors...)
+    side_files: dict[str, Path] = field(default_factory=dict)  # copied into the output
+    refs: dict[str, Checkpoint] = field(default_factory=dict)  # config name -> what it holds
 
     @property
     def whole_model_pass(self) -> bool:
@@ -109,9 +131,18 @@ class MergePlan:
         """The extra globals the whole-model pass produced (empty before :meth:`prepare`)."""
         return self.run.context
 
-    def prepare(self, threads: int, progress: bool = True) -> None:
-        """Run the whole-model pass, if any, filling the context the tensor jobs receive."""
+    def prepare(
+        self, threads: int, progress: bool = True, writer: CheckpointWriter | None = None
+    ) -> None:
+        """Run the whole-model pass, if any, filling the context the tensor jobs receive.
+
+        A resumable ``writer`` keeps the results, and gives back those an earlier run kept."""
         if not self.whole_model_pass:
+            return
+        kept = writer.load_state(_FIRST_PASS) if writer is not None else None
+        if kept is not None:
+            self.context.update(kept)
+            log.info("whole-model pass of %s: kept from the interrupted run", self.method.name)
             return
         first_pass = _first_pass(self.method, self.tasks[0].global_)
         assert first_pass is not None
@@ -129,13 +160,27 @@ class MergePlan:
         ):
             total = part if total is None else total + part
             bar.update()
+            faults.reached("first-pass")
         bar.close()
         first = self.tasks[0]
         self.context.update(first_pass.finalize(total, **first.per_model, **first.global_))
+        if writer is not None:
+            writer.save_state(_FIRST_PASS, self.context)
+        faults.reached("first-pass-done")
         log.info("whole-model pass of %s done", self.method.name)
 
     def summary(self, threads: int) -> PlanSummary:
         return summarize(self.jobs, threads)
+
+    def config_lines(self) -> list[str]:
+        """What the output's config.json will be: each key that differs from the reference's
+        (``key: old -> new``), for ``--dry-run``."""
+        if self.out_config is None:
+            return ["config.json:       none (the reference model has none)"]
+        changes = config_changes(self.reference.config or {}, self.out_config)
+        return [f"config.json:       {c}" for c in changes] or [
+            f"config.json:       {self.reference.root / 'config.json'} as it is"
+        ]
 
 
 class _Planner:
@@ -144,8 +189,12 @@ class _Planner:
         self.config_dir = config_dir
         self.seed = random_seed
         self.method = methods.get_method(cfg.merge_method)
-        self._open: dict[str, Checkpoint] = {}
+        self._open: dict[str, Checkpoint] = {}  # the model each config name stands for
+        # what each config name's path holds (a task vector itself, where _open has base + τ)
+        self.opened: dict[str, Checkpoint] = {}
         self.problems: list[str] = []
+        self.notes: list[str] = []  # what --dry-run reports besides the summary
+        self._bases = {cfg.base_model, *(sl.base_model for sl in cfg.slices or [])} - {None}
 
     # --- inputs ----------------------------------------------------------------------------
     def checkpoint(self, ref: str) -> Checkpoint:
@@ -163,8 +212,33 @@ class _Planner:
                     f"model {ref!r}: no such local file or folder (taskvec reads local "
                     "checkpoints; download hub models first)"
                 )
-            self._open[ref] = open_checkpoint(path)
+            self.opened[ref] = open_checkpoint(path)
+            self._open[ref] = self._as_model(ref, self.opened[ref])
         return self._open[ref]
+
+    def _as_model(self, ref: str, ckpt: Checkpoint) -> Checkpoint:
+        """``ckpt``, or for a saved task vector τ the model ``base + τ`` it stands for (the
+        top-level base_model's; τ must have been extracted from it)."""
+        if ckpt.metadata.get("taskvec.kind") != TASK_VECTOR_KIND:
+            return ckpt
+        if ref in self._bases:
+            raise ConfigError(f"base_model {ref!r} is a task vector; the base must be a model")
+        base_ref = self.cfg.base_model
+        if base_ref is None:
+            raise ConfigError(f"model {ref!r} is a task vector; a base_model is needed to merge it")
+        base, tau = CheckpointModel(self.checkpoint(base_ref)), StoredVector(ckpt)
+        problem = base_mismatch(base, tau)
+        if problem is not None:
+            raise IncompatibleError(
+                f"model {ref!r}: {problem}; apply it to its own base (or with taskvec apply "
+                "--any-base) and merge that model"
+            )
+        self.notes.append(f"model {ref!r}: task vector applied to base {base_ref!r}")
+        return ModelView(AppliedModel(base, tau, allow_other_base=True), ckpt.path)
+
+    def inputs(self) -> list[Checkpoint]:
+        """The checkpoints the merge reads (for a task vector, it and its base)."""
+        return list({id(c): c for c in self.opened.values()}.values())
 
     def check_parameters(self) -> None:
         m, cfg = self.method, self.cfg
@@ -228,48 +302,45 @@ class _Planner:
                 "(give its layer_range)"
             )
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-        return _Slice(sources, base, sl.parameters, length)
+        return _Slice(sources, base, sl.parameters, length, f"slices[{i}]")
 
     # --- per tensor -----------------------------------------------------------------------
     def parameters(
         self, sl: _Slice, name: str, t: float
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        m, top = self.method, self.cfg.parameters
+        """Every parameter's value for tensor ``name`` at layer position ``t``, each checked
+        against the method's declared valid values (see :mod:`taskvec.methods.params`)."""
+        top, n = self.cfg.parameters, len(sl.sources)
         per_model: dict[str, torch.Tensor] = {}
-        for key, default in m.per_model.items():
-            values = []
-            for src in sl.sources:
-                found, v = lookup(key, [src.parameters, sl.parameters, top], name, t)
-                if not found:
-                    if default is REQUIRED:
-                        raise ConfigError(
-                            f"model {src.ref!r}: missing required parameter {key!r} "
-                            f"for tensor {name!r}"
-                        )
-                    v = default
-                values.append(_number(key, v))
+        for key in self.method.per_model:
+            values = [
+                self._value(key, [s.parameters, sl.parameters, top], f"model {s.ref!r}", name, t, n)
+                for s in sl.sources
+            ]
             per_model[key] = torch.tensor(values, dtype=torch.float64)
-        global_: dict[str, Any] = {}
-        for key, default in m.globals.items():
-            found, v = lookup(key, [sl.parameters, top], name, t)
-            global_[key] = _typed(key, v, default) if found else default
+        global_ = {
+            key: self._value(key, [sl.parameters, top], sl.where, name, t, n)
+            for key in self.method.globals
+        }
         return per_model, global_
 
-
-def _number(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ConfigError(f"parameter {key!r} must be a number, got {v!r}")
-    return float(v)
-
-
-def _typed(key: str, v: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(v, bool | str):  # strings name a mode (rescale: expectation)
-            raise ConfigError(f"parameter {key!r} must be true or false, got {v!r}")
-        return v
-    if isinstance(default, int | float) and default is not REQUIRED:
-        return _number(key, v)
-    return v
+    def _value(
+        self, key: str, levels: list[Parameters], where: str, name: str, t: float, n: int
+    ) -> Any:
+        """One parameter's value (the most specific level's, else its default), checked."""
+        spec = self.method.params[key]
+        found, v = lookup(key, levels, name, t)
+        if not found and spec.default is REQUIRED:
+            unmatched = (
+                f" (no filter matches tensor {name!r})" if any(key in p for p in levels) else ""
+            )
+            raise ConfigError(
+                f"{where}: missing required parameter {key!r} of {self.method.name}{unmatched}"
+            )
+        try:
+            return spec.check(key, v if found else spec.default, n)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}{'' if found else ' (the default value)'}") from None
 
 
 def _seed_for(seed: int | None, name: str) -> int:
@@ -313,11 +384,11 @@ class _TensorTask:
         return stacked
 
     def read_base(self, device: torch.device) -> torch.Tensor | None:
-        """The base tensor (its rows ``[start, stop)`` for a row block) as stored, on
-        ``device``."""
+        """The base tensor (its rows ``[start, stop)`` for a row block) as stored (float8 as
+        float16, which torch computes with), on ``device``."""
         if self.base is None:
             return None
-        return self.base[0].read(self.base[1], self.rows).to(device)
+        return computable(self.base[0].read(self.base[1], self.rows)).to(device)
 
     def run(self, run: _Run) -> JobResult:
         if self.blocks:
@@ -446,7 +517,10 @@ def plan_merge(
     Inputs follow mergekit: a method without a base role (linear, karcher, passthrough) gets a
     ``base_model`` that ``models`` does not list as its last input. A tensor that the base has
     and the other inputs lack (e.g. a non-float buffer) is copied from the base (see
-    :func:`_donor`), with one log message for all such tensors.
+    :func:`_donor`), with one log message for all such tensors; a float tensor an input has
+    and the base lacks is a problem (see :func:`_check_kept`). A saved task vector τ given as
+    a model is the model ``base_model + τ`` (see :meth:`_Planner._as_model`): its base is
+    hashed once (cached) to check τ's recorded fingerprint.
     """
     config_dir = Path(config).parent if isinstance(config, str | os.PathLike) else None
     cfg = parse_config(config)
@@ -537,8 +611,9 @@ def plan_merge(
         t = layout.relative_position(layer, 0, sl.length)
         try:
             per_model, global_ = planner.parameters(sl, out_name, t)
-        except ConfigError as e:
-            planner.problems.append(str(e))
+        except ConfigError as e:  # once, however many tensors it concerns
+            if str(e) not in planner.problems:
+                planner.problems.append(str(e))
             continue
         sig = (len(sl.sources), sl.base is not None, repr(per_model), repr(global_))
         if sig not in probed:
@@ -582,6 +657,8 @@ def plan_merge(
             )
             tasks.append(task)
 
+    role = "base" if ref_slice.base or (cfg.models is not None and cfg.base_model) else "model"
+    _check_kept(planner, slices, reference, role, layout_of, stacked=cfg.models is None)
     if copied:
         floats = [n for n, i in copied if i.is_float]
         (log.warning if floats else log.info)(
@@ -591,30 +668,33 @@ def plan_merge(
             ", ".join(n for n, _ in copied[:5]),
             f" (and {len(copied) - 5} more)" if len(copied) > 5 else "",
         )
-    out_config = reference.config
-    if out_config is not None:
-        out_config = dict(out_config)
-        if out_dtype is not None:
-            out_config["torch_dtype"] = dtype_name(out_dtype)
-            if "dtype" in out_config:
-                out_config["dtype"] = dtype_name(out_dtype)
-        if cfg.slices is not None:
-            total = sum(sl.length for sl in slices)
-            for k in _LAYER_COUNT_KEYS:
-                if k in out_config:
-                    out_config[k] = total
+    _check_configs(planner)
+    tokenizer_source = _tokenizer_source(planner, cfg, reference)
     return MergePlan(
         config=cfg,
         method=method,
         jobs=jobs,
         reference=reference,
-        tokenizer_source=_tokenizer_source(planner, cfg, reference),
-        out_config=out_config,
+        tokenizer_source=tokenizer_source,
+        out_config=_out_config(reference, slices if cfg.slices else None, layout, out_dtype),
+        side_files=_side_files(reference, tokenizer_source),
+        refs=dict(planner.opened),
         problems=planner.problems,
         tasks=tasks,
         run=run,
-        inputs=list(planner._open.values()),
+        inputs=planner.inputs(),
+        notes=planner.notes,
     )
+
+
+def _check_configs(planner: _Planner) -> None:
+    """Read every input's config.json now: the output's config and model card use them, so a
+    corrupt one is a problem of the plan, not a failure after the merge."""
+    for ckpt in planner.inputs():
+        try:
+            _ = ckpt.config
+        except CheckpointError as e:
+            planner.problems.append(str(e))
 
 
 def _infos(
@@ -631,7 +711,61 @@ def _infos(
         detail = ", ".join(f"{s.ref}: {list(i.shape)}" for s, i in zip(srcs, infos, strict=True))
         planner.problems.append(f"shape mismatch for tensor {names[0][1]!r}: {detail}")
         return None
+    if len({i.is_float for i in infos}) > 1:  # an integer tensor would be merged as numbers
+        detail = ", ".join(
+            f"{s.ref}: {dtype_name(i.dtype)}" for s, i in zip(srcs, infos, strict=True)
+        )
+        planner.problems.append(
+            f"tensor {names[0][1]!r} is floating point in some inputs only: {detail}"
+        )
+        return None
     return infos
+
+
+def _check_kept(
+    planner: _Planner,
+    slices: list[_Slice],
+    reference: Checkpoint,
+    role: str,
+    layout_of: Callable[[Checkpoint], LayerLayout],
+    stacked: bool,
+) -> None:
+    """Refuse a float tensor of an input that the output has no place for, as it would be
+    dropped: the output takes the tensor names of the reference (the ``role`` "base", else the
+    first "model"), or for slices (``stacked``) its names outside the layers and its layer
+    suffixes, within the layers each input contributes. A non-float one (a buffer such as
+    ``position_ids``) is left out with a warning."""
+    ref_layout = layout_of(reference)
+    places = {
+        (layer is not None, key)
+        for n in reference.tensors
+        for layer, key in [ref_layout.split(n) if stacked else (None, n)]
+    }
+    left: dict[tuple[int, str], TensorInfo] = {}
+    for sl in slices:
+        for src in [*sl.sources, *([sl.base] if sl.base else [])]:
+            layout = layout_of(src.ckpt)
+            for name, info in src.ckpt.tensors.items():
+                layer, key = layout.split(name) if stacked else (None, name)
+                if layer is not None and not src.start <= layer < src.start + sl.length:
+                    continue  # a layer this input does not contribute
+                if (layer is not None, key) not in places:
+                    left.setdefault((id(src.ckpt), name), info)
+    for info in left.values():
+        if info.is_float:
+            planner.problems.append(
+                f"tensor {info.name!r} of {info.file} is missing from the {role} "
+                f"{reference.path}, whose tensors the output has: it would be dropped"
+            )
+    buffers = sorted({i.name for i in left.values() if not i.is_float})
+    if buffers:
+        log.warning(
+            "left out %d non-float tensor(s) that the %s %s lacks: %s",
+            len(buffers),
+            role,
+            reference.path,
+            ", ".join(buffers[:5]) + (" ..." if len(buffers) > 5 else ""),
+        )
 
 
 def _donor(names: list[tuple[Checkpoint, str]], has_base: bool) -> int | None:
@@ -685,8 +819,8 @@ def _tokenizer_source(planner: _Planner, cfg: MergeConfig, reference: Checkpoint
         inputs = list(planner._open.values())
         files = [_tokenizer_files(c) for c in inputs]
         same = all(
-            [p.name for p in f] == [p.name for p in files[0]]
-            and all(filecmp.cmp(a, b, shallow=False) for a, b in zip(f, files[0], strict=True))
+            list(f) == list(files[0])
+            and all(filecmp.cmp(f[n], files[0][n], shallow=False) for n in f)
             for f in files
         )
         if not same:
@@ -710,8 +844,42 @@ def _device(spec: str | torch.device) -> torch.device:
     return device
 
 
-def _tokenizer_files(ckpt: Checkpoint) -> list[Path]:
-    return [p for p in ckpt.side_files() if p.name.startswith(_TOKENIZER_FILES)]
+def _tokenizer_files(ckpt: Checkpoint) -> dict[str, Path]:
+    return {n: p for n, p in ckpt.side_files().items() if n.startswith(_TOKENIZER_FILES)}
+
+
+def _side_files(reference: Checkpoint, tokenizer_source: Checkpoint) -> dict[str, Path]:
+    """The files copied into the output: the reference's, but the tokenizer files of the
+    tokenizer source, and no config.json (the plan writes its own)."""
+    ours = {
+        n: p
+        for n, p in reference.side_files().items()
+        if n != "config.json" and not n.startswith(_TOKENIZER_FILES)
+    }
+    return {**ours, **_tokenizer_files(tokenizer_source)}
+
+
+def _out_config(
+    reference: Checkpoint,
+    slices: list[_Slice] | None,
+    layout: LayerLayout,
+    dtype: torch.dtype | None,
+) -> dict[str, Any] | None:
+    """The output's config.json: the reference's, with the output dtype and, for a
+    layer-stacking merge, the layers of ``slices`` (see :mod:`taskvec.output_config`)."""
+    config = reference.config
+    if config is None:
+        return None
+    if slices is not None:
+        configs: dict[int, dict[str, Any] | None] = {}
+        origins: list[tuple[dict[str, Any] | None, int]] = []
+        for sl in slices:
+            donor = sl.base or sl.sources[0]
+            if id(donor.ckpt) not in configs:
+                configs[id(donor.ckpt)] = donor.ckpt.config
+            origins += [(configs[id(donor.ckpt)], donor.start + k) for k in range(sl.length)]
+        config = restack_layers(config, origins, layout.num_layers)
+    return with_dtype(config, dtype)
 
 
 def merge(
@@ -725,6 +893,7 @@ def merge(
     random_seed: int | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    resume: bool = False,
 ) -> MergePlan | FdaMerge:
     """Plan, validate and (unless ``dry_run``) run a merge into the folder ``out``.
 
@@ -732,15 +901,44 @@ def merge(
     returns its validated :class:`~taskvec.fda.config.FdaMerge` instead of a plan.
 
     ``device`` is where the methods compute (e.g. ``"cuda"``); reading, writing and random
-    draws stay on the CPU, so the output does not depend on it beyond float rounding."""
+    draws stay on the CPU, so the output does not depend on it beyond float rounding.
+
+    With ``resume`` the merge is built in ``.OUT.partial``, which an interrupted or killed run
+    keeps; the next run with ``resume`` (same config, inputs and options) continues it, and
+    writes the same bytes as an uninterrupted run."""
     cfg = parse_config(config)
     if cfg.merge_method == FDA_METHOD:
+        if resume:
+            raise ConfigError("merge_method fda cannot be resumed (drop --resume)")
         return _merge_fda(
             config, cfg, out, dry_run, threads, overwrite, random_seed, progress, device
         )
     plan = plan_merge(config, random_seed=random_seed)
     plan.run.device = _device(device)
     out_path = Path(out).expanduser().absolute()
+    n_threads = threads or default_threads()
+    metadata = {"taskvec.merge_method": plan.method.name}
+    producer = {
+        "operation": "merge",
+        "method": plan.method.name,
+        "config": cfg.model_dump(mode="json", exclude_none=True),
+        "seed": random_seed,
+        "device": str(plan.run.device),
+    }
+    if (
+        resume
+        and not (dry_run or overwrite or plan.problems)
+        and out_path.is_dir()
+        and finished_output(
+            out_path,
+            planned_tensors(plan.jobs),
+            shard_size=shard_size,
+            metadata=metadata,
+            producer={**producer, "inputs": describe_inputs(plan.inputs, n_threads)},
+        )
+    ):
+        log.info("%s is already this merge's output: nothing left to do", out_path)
+        return plan
     try:
         check_output_path(out_path, overwrite)
         check_not_an_input(out_path, plan.inputs)
@@ -751,23 +949,22 @@ def merge(
     if plan.problems:
         more = f" (and {len(plan.problems) - 1} more problem(s))" if len(plan.problems) > 1 else ""
         raise IncompatibleError(plan.problems[0] + more)
-    n_threads = threads or default_threads()
-    plan.prepare(n_threads, progress)
     writer = CheckpointWriter(
         out_path,
         planned_tensors(plan.jobs),
         shard_size=shard_size,
         overwrite=overwrite,
-        metadata={"taskvec.merge_method": plan.method.name},
+        metadata=metadata,
+        producer=lambda: {**producer, "inputs": describe_inputs(plan.inputs, n_threads)},
+        resume=resume,
     )
     with writer:
-        execute(plan.jobs, writer, threads=n_threads, progress=progress, description="merging")
-        tok = set(_tokenizer_files(plan.tokenizer_source))
-        for f in plan.reference.side_files():
-            if f.name != "config.json" and not f.name.startswith(_TOKENIZER_FILES):
-                writer.add_file(f)
-        for f in tok:
-            writer.add_file(f)
+        jobs = [j for j in plan.jobs if not (resume and writer.resumed(j.name, j.rows))]
+        if jobs:
+            plan.prepare(n_threads, progress, writer)
+        execute(jobs, writer, threads=n_threads, progress=progress, description="merging")
+        writer.add_files(plan.side_files)
+        writer.add_text("README.md", merge_card(plan, out_path.name, random_seed))
         if plan.out_config is not None:
             writer.add_json("config.json", plan.out_config)
         writer.commit()

@@ -35,6 +35,7 @@ from taskvec.config import MergeConfig
 from taskvec.errors import ConfigError, TaskvecError
 from taskvec.fda.adapt import AdaptSettings
 from taskvec.fda.anchors import AnchorSettings
+from taskvec.io.durable import make_parents
 
 METHOD = "fda"
 _ANCHOR_KEYS = {f.name for f in fields(AnchorSettings)} - {"snapshots"}
@@ -71,6 +72,8 @@ def parse_fda(
     that do not exist from here are taken relative to ``config_dir``."""
     if cfg.base_model is None or not cfg.models:
         raise ConfigError("merge_method fda needs a base_model and a models list")
+    if cfg.dtype or cfg.out_dtype:  # not silently ignored
+        raise ConfigError("merge_method fda writes the base model's dtypes; drop dtype/out_dtype")
     params: dict[str, Any] = dict(cfg.parameters)
     unknown = set(params) - _ANCHOR_KEYS - _ADAPT_KEYS - _OTHER_KEYS
     if unknown:
@@ -133,6 +136,7 @@ def run_fda(
     if dry_run:
         return plan
     out = Path(out).expanduser().absolute()
+    make_parents(out)  # for the work folder; the output's writer would make them anyway
     work = Path(tempfile.mkdtemp(prefix=".taskvec-fda-start-", dir=out.parent))
     try:
         if start is None:

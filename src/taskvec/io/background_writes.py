@@ -48,6 +48,7 @@ class Write:
     offset: int
     data: memoryview
     keep: torch.Tensor  # owns the memory ``data`` points into
+    done: Callable[[], None] | None = None  # called by the writing thread once written
 
 
 class _Writeback:
@@ -169,6 +170,10 @@ class WriteQueue:
                 done = 0
                 while done < len(write.data):
                     done += os.pwrite(write.fd, write.data[done:], write.offset + done)
+                if self._writeback is not None:
+                    self._writeback.add(write.fd, write.offset, done)
+                if write.done is not None:
+                    write.done()
             except OSError as e:
                 with self._changed:
                     self._error = e
@@ -176,8 +181,6 @@ class WriteQueue:
                     self._bytes = 0
                     self._changed.notify_all()
                 return
-            if self._writeback is not None:
-                self._writeback.add(write.fd, write.offset, done)
             with self._changed:
                 self._waiting.popleft()
                 self._bytes -= len(write.data)

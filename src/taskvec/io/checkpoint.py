@@ -31,6 +31,7 @@ import torch
 
 from taskvec.errors import CheckpointError, OutputError
 from taskvec.io.dtypes import SAFETENSORS_CODES, element_size
+from taskvec.io.side_files import side_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -88,6 +89,22 @@ def _mapped(fd: int, start: int, length: int) -> torch.Tensor:
     return torch.frombuffer(region, dtype=torch.uint8, offset=start - aligned, count=length)
 
 
+def _check_tiling(path: Path, offsets: dict[str, tuple[int, int]], data_len: int) -> None:
+    """Refuse a header whose tensors overlap, leave gaps or do not end with the data: the
+    safetensors format has them tile the data bytes exactly, and a damaged header that
+    shifts a tensor would otherwise read its neighbour's bytes."""
+    pos = 0
+    for name, (begin, end) in sorted(offsets.items(), key=lambda item: item[1]):
+        if begin != pos:
+            what = "overlaps another tensor" if begin < pos else "leaves a gap before it"
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensor {name!r} {what})")
+        pos = end
+    if pos != data_len:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors file ({data_len - pos} bytes after the last tensor)"
+        )
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file: header parsed eagerly, tensor bytes read on demand."""
 
@@ -116,6 +133,12 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
         self._meta: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self._meta, dict) or not all(
+            isinstance(v, str) for v in self._meta.values()
+        ):  # the format's __metadata__ maps strings to strings
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)"
+            )
         self._data_start = 8 + n
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
@@ -137,6 +160,7 @@ class SafetensorsFile:
                 )
             self._infos[name] = info
             self._offsets[name] = (begin, end)
+        _check_tiling(path, self._offsets, data_len)
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -239,6 +263,11 @@ class Checkpoint:
     weight file it is that file's folder.
     """
 
+    # True for a view that computes its tensors from other checkpoints (``base + τ``, see
+    # :mod:`taskvec.model_view`): its tensors are not its files' bytes, so it has no content
+    # fingerprint of its own.
+    derived = False
+
     def __init__(self, path: Path, files: list[Path], root: Path) -> None:
         self.path = path
         self.root = root
@@ -291,23 +320,17 @@ class Checkpoint:
             return None
         try:
             data = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{cfg}: corrupt config.json (not a JSON object)")
+        return data
 
-    def side_files(self) -> list[Path]:
-        """Non-weight files of a model folder (config, tokenizer, generation config...)."""
-        if not self.path.is_dir():
-            return []
-        return sorted(
-            p
-            for p in self.root.iterdir()
-            if p.is_file()
-            and not p.name.startswith(".")
-            and p.suffix in {".json", ".txt", ".model", ".jinja", ".tiktoken"}
-            and not p.name.endswith(".index.json")
-            and p.name != "taskvec.json"
-        )
+    def side_files(self) -> dict[str, Path]:
+        """The files of a model folder that go with its weights into an output (config,
+        tokenizer, remote code, module folders...): relative path -> file. See
+        :mod:`taskvec.io.side_files`; none for a single weight file."""
+        return side_files(self.root) if self.path.is_dir() else {}
 
     # --- data -----------------------------------------------------------------------------
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -336,49 +359,66 @@ def check_not_an_input(out: str | os.PathLike[str], inputs: Iterable[Checkpoint]
                 )
 
 
-def _index_files(index: Path) -> list[Path]:
+def _weight_map(index: Path) -> dict[str, Path]:
+    """The ``weight_map`` of an ``*.index.json``: tensor name -> the shard file said to hold it."""
     try:
         data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
+        weight_map = {str(k): index.parent / v for k, v in data["weight_map"].items()}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{index}: corrupt index (no readable weight_map)") from None
-    files = [index.parent / n for n in names]
-    for f in files:
+    for f in dict.fromkeys(weight_map.values()):
         if not f.is_file():
             raise CheckpointError(f"{index}: names shard {f.name} which does not exist")
-    return files
+    return weight_map
 
 
-def resolve_weight_files(path: Path) -> tuple[list[Path], Path]:
-    """The weight files of a checkpoint path and its root folder."""
+def _check_weight_map(ckpt: Checkpoint, weight_map: dict[str, Path]) -> None:
+    """Refuse an index that maps a tensor to a shard not holding it: the tensor would be
+    dropped (or read from a shard the index does not name)."""
+    for name, shard in weight_map.items():
+        info = ckpt.tensors.get(name)
+        if info is None or info.file != shard:
+            raise CheckpointError(
+                f"{ckpt.path}: the index maps tensor {name!r} to {shard.name}, "
+                "which does not hold it"
+            )
+
+
+def resolve_weight_files(path: Path) -> tuple[list[Path], Path, dict[str, Path] | None]:
+    """The weight files of a checkpoint path, its root folder and, when it is read through an
+    ``*.index.json``, that index's weight map."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_file():
         if path.name.endswith(".index.json"):
-            return _index_files(path), path.parent
+            weight_map = _weight_map(path)
+            return list(dict.fromkeys(weight_map.values())), path.parent, weight_map
         if path.suffix not in WEIGHT_SUFFIXES:
             raise CheckpointError(
                 f"{path}: not a checkpoint (expected .safetensors, .bin, .pt, .pth or a folder)"
             )
-        return [path], path.parent
+        return [path], path.parent, None
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).is_file():
-            return _index_files(path / index_name), path
+            weight_map = _weight_map(path / index_name)
+            return list(dict.fromkeys(weight_map.values())), path, weight_map
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
-            return [path / single], path
+            return [path / single], path, None
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
-        return safetensors, path
+        return safetensors, path, None
     pickles = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if len(pickles) == 1:
-        return pickles, path
+        return pickles, path, None
     raise CheckpointError(f"{path}: no model weights found (no safetensors or pytorch_model.bin)")
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint lazily; only headers are read."""
     p = Path(path).expanduser()
-    files, root = resolve_weight_files(p)
-    return Checkpoint(p, files, root)
+    files, root, weight_map = resolve_weight_files(p)
+    ckpt = Checkpoint(p, files, root)
+    if weight_map is not None:
+        _check_weight_map(ckpt, weight_map)
+    return ckpt

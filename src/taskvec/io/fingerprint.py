@@ -83,6 +83,8 @@ def _store_cache(weights: Path, stamp: list[int], digests: dict[str, str]) -> No
 
 def tensor_digests(ckpt: Checkpoint) -> dict[str, str]:
     """Every tensor's byte digest (see :func:`tensor_bytes_digest`), using the cache."""
+    if ckpt.derived:  # its reads are not its files' bytes: caching them would poison the cache
+        raise TypeError(f"{ckpt!r} computes its tensors: fingerprint the checkpoints it reads")
     by_file: dict[Path, list[str]] = {}
     for name, info in ckpt.tensors.items():
         by_file.setdefault(info.file, []).append(name)

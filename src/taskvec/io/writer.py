@@ -8,30 +8,55 @@ themselves happen in the background (:mod:`taskvec.io.background_writes`), with 
 size.
 
 Everything is built in a temporary sibling folder and renamed onto the output path only by
-:meth:`CheckpointWriter.commit`; on failure :meth:`CheckpointWriter.abort` removes it.
+:meth:`CheckpointWriter.commit`; on failure :meth:`CheckpointWriter.abort` removes it. While it
+is written the output is locked against other writers, and the commit never replaces an output
+that appeared meanwhile, nor leaves a moment without one when it replaces one (see
+:mod:`taskvec.io.output_siblings` and :mod:`taskvec.io.durable`). Every file is fsynced, and
+every output gets a manifest with a checksum of every tensor (:mod:`taskvec.io.manifest`).
+
+A resumable writer (``resume=True``) builds in ``.OUT.partial`` instead, journals the pieces it
+wrote once they are durable (:mod:`taskvec.io.journal`), keeps that folder when it fails or is
+interrupted, and continues it the next time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 import struct
-import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from taskvec import faults
 from taskvec.errors import ConfigError, OutputError
 from taskvec.io.background_writes import QUEUED_BYTES, Write, WriteQueue
 from taskvec.io.dtypes import CODE_OF_DTYPE, element_size
+from taskvec.io.durable import exchange, fsync_path, make_folder, make_parents, rename_no_replace
+from taskvec.io.fingerprint import tensor_bytes_digest
+from taskvec.io.journal import Journal, Piece, read_journal
+from taskvec.io.manifest import MANIFEST, file_digest, identity, manifest_head, read_manifest
+from taskvec.io.output_siblings import (
+    OutputLock,
+    backup_folder,
+    new_temporary_folder,
+    partial_folder,
+    remove_stale_siblings,
+)
+
+log = logging.getLogger("taskvec")
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
+RESUME_STATE = ".taskvec-resume"  # a resumable output's journal and saved state, in its folder
 
 
 def parse_size(value: int | str) -> int:
@@ -61,6 +86,11 @@ class PlannedTensor:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def rows(self) -> int:
+        """Rows along the first axis (a 0-d tensor is one row)."""
+        return self.shape[0] if self.shape else 1
 
 
 @dataclass
@@ -116,17 +146,25 @@ def _drop_cached_pages(folder: Path) -> None:
 
 
 def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless ``overwrite``) or whose parent is missing."""
+    """Refuse an output that exists (unless ``overwrite``) or is not a folder, or that would
+    go inside a file (missing parent folders are fine: the writer makes them)."""
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: output already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: output exists and is not a folder")
-    if not out.parent.exists():
-        raise OutputError(f"{out.parent}: parent folder of the output does not exist")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise OutputError(f"{above}: is a file, not a folder (it would hold the output {out})")
 
 
 class CheckpointWriter:
-    """Write planned tensors into ``out`` (a folder) atomically."""
+    """Write planned tensors into ``out`` (a folder) atomically.
+
+    ``producer`` says what made the output, for its manifest (see
+    :mod:`taskvec.io.manifest`): a dict, or a function giving it once the output is locked
+    (a second writer then fails at once, not after hashing the inputs). With ``resume`` the
+    output is built resumably (see the module docstring): :meth:`resumed` then says which jobs
+    an earlier run did."""
 
     def __init__(
         self,
@@ -137,29 +175,98 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
         prefix: str = "model",
+        producer: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+        resume: bool = False,
     ) -> None:
         self.out = Path(out).expanduser().absolute()
         check_output_path(self.out, overwrite)
         self.overwrite = overwrite
-        if overwrite and self.out.exists():
-            _drop_cached_pages(self.out)
+        self.resume = resume
         self._shards = plan_shards(tensors, parse_size(shard_size), prefix)
+        self._planned = {t.name: t for t in tensors}
         self._where: dict[str, tuple[int, int]] = {}
         self._pending: dict[str, int] = {t.name: t.nbytes for t in tensors}
+        self._pieces: dict[str, dict[int, tuple[int, str]]] = {t.name: {} for t in tensors}
         self._lock = threading.Lock()
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self._fds: list[int] = []
         self._queue = WriteQueue(QUEUED_BYTES)
         self._prefix = prefix
+        self._journal: Journal | None = None
+        self._tmp: Path | None = None
+        self._owner: OutputLock | None = None
         meta = {"format": "pt", **(metadata or {})}
+        self._made = make_parents(self.out)
         try:
+            self._owner = OutputLock(self.out)
+            described = producer() if callable(producer) else producer
+            self._head = manifest_head(
+                described or {}, meta, [(s.filename, s.tensors) for s in self._shards]
+            )
+            remove_stale_siblings(self.out)
+            if overwrite and self.out.exists():
+                _drop_cached_pages(self.out)
+            journaled = self._open_partial() if resume else []
+            if self._tmp is None:
+                self._tmp = new_temporary_folder(self.out)
             for i, shard in enumerate(self._shards):
                 self._fds.append(self._start_shard(shard, meta))
                 for t in shard.tensors:
                     self._where[t.name] = (i, shard.data_start + shard.offsets[t.name])
+            self._take_over(journaled)
         except BaseException:
             self.abort()
             raise
+
+    def _open_partial(self) -> list[Piece]:
+        """Set up ``.OUT.partial``: continue it when its journal is of this very output (or,
+        finished but not yet renamed, its manifest is), else start it afresh. The pieces it
+        claims to hold (checked by :meth:`_take_over`)."""
+        partial = partial_folder(self.out)
+        state = partial / RESUME_STATE
+        ident = identity(self._head)
+        found, pieces = read_journal(state / "journal")
+        if found is not None and found != ident:
+            raise OutputError(
+                f"{partial} was started with another config/inputs; remove it or merge "
+                "without --resume"
+            )
+        if found is None and partial.exists():
+            done = read_manifest(partial)
+            if done is not None and identity(done) == ident:  # killed just before its rename
+                pieces = [
+                    Piece(name, *piece)
+                    for name, t in done["tensors"].items()
+                    for piece in t.get("pieces", [])
+                ]
+            else:  # killed before its journal was started: nothing to keep
+                shutil.rmtree(partial)
+        if not partial.exists():
+            make_folder(partial)
+        if not state.exists():
+            make_folder(state)
+        self._tmp = partial
+        self._journal = Journal(state / "journal", ident)
+        return pieces
+
+    def _take_over(self, pieces: list[Piece]) -> None:
+        """Count as written the journaled pieces whose bytes in the files still match."""
+        latest = {(p.tensor, p.start): p for p in pieces}  # a later line supersedes
+        kept = 0
+        for p in latest.values():
+            t = self._planned.get(p.tensor)
+            if t is None or not 0 <= p.start < p.stop <= t.rows:
+                continue
+            shard_i, offset = self._where[p.tensor]
+            row_bytes = t.nbytes // t.rows
+            raw = torch.empty((p.stop - p.start) * row_bytes, dtype=torch.uint8)
+            got = os.preadv(self._fds[shard_i], [raw.numpy()], offset + p.start * row_bytes)
+            if got != raw.numel() or tensor_bytes_digest([raw]) != p.digest:
+                continue
+            self._pieces[p.tensor][p.start] = (p.stop, p.digest)
+            self._count_written(p.tensor, raw.numel())
+            kept += 1
+        if self.resume:
+            log.info("resuming %s: %d piece(s) already written", self.out, kept)
 
     def _start_shard(self, shard: _Shard, meta: dict[str, str]) -> int:
         header: dict[str, Any] = {"__metadata__": meta}
@@ -175,7 +282,9 @@ class CheckpointWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         shard.data_start = 8 + len(raw)
-        fd = os.open(self._tmp / shard.filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        assert self._tmp is not None
+        keep = 0 if self.resume else os.O_TRUNC  # a resumed shard's header is the same
+        fd = os.open(self._tmp / shard.filename, os.O_RDWR | os.O_CREAT | keep, 0o644)
         os.write(fd, struct.pack("<Q", len(raw)) + raw)
         os.ftruncate(fd, shard.data_start + pos)
         return fd
@@ -193,60 +302,227 @@ class CheckpointWriter:
         self._queue.check_open()  # before the shard's descriptor, which closing drops
         shard_i, offset = self._where[name]
         data = tensor.detach().to("cpu").contiguous()
-        if data.numel():
+        rows = data.shape[0] if data.dim() else 1
+        piece = Piece(name, row_start, row_start + rows, tensor_bytes_digest([data]))
+        nbytes = data.numel() * data.element_size()
+        done = functools.partial(self._written, piece, self._fds[shard_i], nbytes)
+        if nbytes:
             view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             if row_start:
                 offset += row_start * (len(view) // data.shape[0])
-            self._queue.put(Write(self._fds[shard_i], offset, view, data))
+            self._queue.put(Write(self._fds[shard_i], offset, view, data, done))
+        else:
+            done()
         with self._lock:
-            self._pending[name] -= data.numel() * data.element_size()
-            if self._pending[name] <= 0:
-                del self._pending[name]
+            if rows:
+                self._pieces[name][row_start] = (piece.stop, piece.digest)
+            self._count_written(name, nbytes)
 
-    def add_file(self, src: Path, name: str | None = None) -> None:
-        shutil.copyfile(src, self._tmp / (name or src.name))
+    def _written(self, piece: Piece, fd: int, nbytes: int) -> None:
+        """A piece's bytes are in its file (called by the writing thread)."""
+        faults.reached("piece-written")
+        if self._journal is not None:
+            self._journal.add(piece, fd, nbytes)
+
+    def _count_written(self, name: str, nbytes: int) -> None:
+        self._pending[name] -= nbytes
+        if self._pending[name] <= 0:
+            del self._pending[name]
+
+    def resumed(self, name: str, rows: tuple[int, int] | None) -> bool:
+        """Whether the rows ``[start, stop)`` of ``name`` (all of it for None) are already
+        written by an earlier run: the job computing them can be skipped. If not, the pieces
+        written inside them are forgotten, to be written again."""
+        planned = self._planned[name]
+        lo, hi = rows if rows is not None else (0, planned.rows)
+        with self._lock:
+            pieces = self._pieces[name]
+            inside = sorted((s, e) for s, (e, _) in pieces.items() if lo <= s and e <= hi)
+            end = lo
+            for start, stop in inside:
+                if start != end:
+                    break
+                end = stop
+            if end == hi:
+                return True
+            for start, stop in inside:
+                del pieces[start]
+                nbytes = (stop - start) * (planned.nbytes // planned.rows)
+                self._pending[name] = self._pending.get(name, 0) + nbytes
+            return False
+
+    def save_state(self, name: str, value: Any) -> None:
+        """Keep ``value`` (what ``torch.save`` stores with ``weights_only``: tensors, numbers,
+        lists, dicts) durably with a resumable output, for :meth:`load_state` in a later run;
+        nothing for another output."""
+        if self._journal is None or self._tmp is None:
+            return
+        path = self._tmp / RESUME_STATE / name
+        new = path.with_name(f"{name}.new")
+        torch.save(value, new)
+        fsync_path(new)
+        os.replace(new, path)
+        fsync_path(path.parent)
+
+    def load_state(self, name: str) -> Any | None:
+        """What :meth:`save_state` kept under ``name`` in an earlier run, or None."""
+        if self._journal is None or self._tmp is None:
+            return None
+        try:
+            return torch.load(self._tmp / RESUME_STATE / name, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            return None
 
     def add_json(self, name: str, data: dict[str, Any]) -> None:
-        (self._tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+        """Write ``data`` as the JSON file ``name`` of the output, fsynced."""
+        self.add_text(name, json.dumps(data, indent=2) + "\n")
+
+    def add_text(self, name: str, text: str) -> None:
+        """Write ``text`` (UTF-8) as the output file ``name``, fsynced."""
+        path = self._tmp / name
+        path.write_text(text, encoding="utf-8")
+        fsync_path(path)
+
+    def add_files(self, files: Mapping[str, Path]) -> None:
+        """Copy each file to its relative path (``/``-separated, folders created) in the
+        output, byte for byte, the copies and the folders made for them fsynced."""
+        folders: set[Path] = set()
+        for name, src in files.items():
+            dest = self._tmp / name
+            if dest.parent != self._tmp and dest.parent not in folders:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                folders.update(p for p in dest.parents if self._tmp in p.parents)
+            shutil.copyfile(src, dest)
+            fsync_path(dest)
+        for folder in folders:
+            fsync_path(folder)
 
     def commit(self) -> Path:
-        """Finish the shards and index, then move the folder into place."""
+        """Finish the shards, index and manifest, then move the folder into place."""
+        assert self._tmp is not None
         try:
             self._queue.drain()
-        except OutputError:
+            self._queue.close()
+            if any(self._pending.values()):
+                missing = sorted(n for n, left in self._pending.items() if left)[:3]
+                raise OutputError(f"internal: tensors never written: {missing}")
+            if self._journal is not None:
+                self._journal.flush()  # a run killed from here on redoes no tensor
+            for fd in self._fds:
+                os.fsync(fd)
+                os.close(fd)
+            self._fds = []
+            if len(self._shards) > 1:
+                total = sum(t.nbytes for s in self._shards for t in s.tensors)
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": {t.name: s.filename for s in self._shards for t in s.tensors},
+                }
+                self.add_json(f"{self._prefix}.safetensors.index.json", index)
+            self.add_json(MANIFEST, self._manifest())  # last: its presence means complete
+            self._drop_resume_state()
+            fsync_path(self._tmp)
+            faults.reached("before-rename")
+            self._move_into_place()
+        except BaseException:
             self.abort()
             raise
-        self._queue.close()
-        if any(self._pending.values()):
-            missing = sorted(n for n, left in self._pending.items() if left)[:3]
-            self.abort()
-            raise OutputError(f"internal: tensors never written: {missing}")
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = []
-        if len(self._shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for s in self._shards for t in s.tensors)},
-                "weight_map": {t.name: s.filename for s in self._shards for t in s.tensors},
-            }
-            self.add_json(f"{self._prefix}.safetensors.index.json", index)
-        backup: Path | None = None
-        if self.out.exists():
-            backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.rename(self.out, backup)
-        os.rename(self._tmp, self.out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        fsync_path(self.out.parent)
+        faults.reached("after-rename")
+        self._tmp = None
+        if not self.resume and partial_folder(self.out).exists():
+            shutil.rmtree(partial_folder(self.out), ignore_errors=True)
+            log.info("removed %s, an unfinished resumable run's", partial_folder(self.out))
+        self._release()
         return self.out
 
+    def _manifest(self) -> dict[str, Any]:
+        """The manifest (see :mod:`taskvec.io.manifest`) of the folder as it is now."""
+        assert self._tmp is not None
+        tensors = {
+            name: {
+                **entry,
+                "pieces": [[s, e, d] for s, (e, d) in sorted(self._pieces[name].items())],
+            }
+            for name, entry in self._head["tensors"].items()
+        }
+        weights = {s.filename for s in self._shards}
+        files = {}
+        for path in sorted(self._tmp.rglob("*")):
+            rel = path.relative_to(self._tmp).as_posix()
+            if path.is_symlink() or not path.is_file() or rel in weights or rel == MANIFEST:
+                continue
+            if rel.split("/")[0] != RESUME_STATE:
+                files[rel] = file_digest(path)
+        return {**self._head, "tensors": tensors, "files": files}
+
+    def _drop_resume_state(self) -> None:
+        """Remove a resumable output's journal and state, the journal last: a run killed
+        meanwhile resumes from the journal, or, once it is gone, from the manifest."""
+        if self._journal is None or self._tmp is None:
+            return
+        self._journal.close()
+        self._journal = None
+        state = self._tmp / RESUME_STATE
+        for path in sorted(state.iterdir(), key=lambda p: p.name == "journal"):
+            path.unlink()
+        state.rmdir()
+
+    def _move_into_place(self) -> None:
+        """Rename the finished folder onto the output path: atomically swapped with the
+        output it replaces (two renames where a swap is not available), and never over an
+        output that appeared meanwhile without ``overwrite``."""
+        assert self._tmp is not None
+        if self.overwrite and os.path.lexists(self.out):
+            if exchange(self._tmp, self.out):
+                old = self._tmp
+                if self.resume:  # the old output must not pass for an unfinished one
+                    old = backup_folder(self.out)
+                    os.rename(self._tmp, old)
+            else:
+                old = backup_folder(self.out)
+                os.rename(self.out, old)
+                os.rename(self._tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            rename_no_replace(self._tmp, self.out)
+        except FileExistsError:
+            raise OutputError(
+                f"{self.out}: output already exists (it appeared while this one was written; "
+                "pass --overwrite to replace it)"
+            ) from None
+
     def abort(self) -> None:
-        """Drop everything written so far; the output path is left as it was."""
+        """Drop everything written so far (a resumable output keeps what is durable, to be
+        continued); the output path is left as it was."""
         self._queue.close()
+        if self._journal is not None:
+            try:
+                self._journal.flush()
+            except OSError as e:
+                log.warning("the journal of %s could not be written: %s", self._tmp, e)
+            self._journal.close()
+            self._journal = None
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        kept = self.resume and self._tmp is not None
+        if self._tmp is not None and not self.resume:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
+        self._release()
+        for folder in [] if kept else reversed(self._made):  # the parents made for the output
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
+
+    def _release(self) -> None:
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -254,6 +530,26 @@ class CheckpointWriter:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def finished_output(
+    out: Path,
+    tensors: Sequence[PlannedTensor],
+    *,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    metadata: dict[str, str] | None = None,
+    prefix: str = "model",
+    producer: dict[str, Any],
+) -> bool:
+    """Whether ``out`` is already the output a writer with these arguments would commit (by
+    its manifest): a resumed run killed after its commit has nothing left to do."""
+    found = read_manifest(out)
+    if found is None:
+        return False
+    shards = plan_shards(tensors, parse_size(shard_size), prefix)
+    meta = {"format": "pt", **(metadata or {})}
+    head = manifest_head(producer, meta, [(s.filename, s.tensors) for s in shards])
+    return identity(found) == identity(head)
 
 
 def planned(items: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> list[PlannedTensor]:

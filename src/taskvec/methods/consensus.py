@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from taskvec.methods.linear import weighted_sum
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 
 
@@ -17,8 +18,8 @@ def tall_masks(tau: torch.Tensor, tau_mtl: torch.Tensor, tall_lambda: torch.Tens
 @merge_method(
     "consensus",
     base="required",
-    per_model={"weight": 1.0, "tall_lambda": 0.6},
-    globals={"lambda": 1.0, "k": 2},
+    per_model={"weight": Param(1.0), "tall_lambda": Param(0.6, "[0, inf)")},
+    globals={"lambda": Param(1.0), "k": Param(2, "[1, N]", integer=True)},
     reference="Wang, Dimitriadis et al., Localizing Task Information ... (TALL masks, "
     "consensus merging), ICML 2024 (arXiv 2405.07813)",
     elementwise=True,

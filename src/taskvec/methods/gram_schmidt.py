@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from taskvec.methods.linear import weighted_sum
-from taskvec.methods.registry import REQUIRED, WholeModelPass, merge_method
+from taskvec.methods.params import REQUIRED, Param
+from taskvec.methods.registry import WholeModelPass, merge_method
 
 
 def gram_matrix(tensors: torch.Tensor, base: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -45,8 +46,8 @@ def _finalize(total: torch.Tensor, **_: Any) -> dict[str, Any]:
 @merge_method(
     "gram_schmidt",
     base="required",
-    per_model={"weight": REQUIRED},
-    globals={"lambda": 1.0},
+    per_model={"weight": Param(REQUIRED)},
+    globals={"lambda": Param(1.0)},
     reference="Gram-Schmidt task decoupling (seed 000, §9.2); cf. Ilharco et al. 2023",
     whole_model=WholeModelPass(collect=gram_matrix, finalize=_finalize),
     elementwise=True,

@@ -7,7 +7,8 @@ import math
 import torch
 
 from taskvec.errors import NumericError
-from taskvec.methods.registry import REQUIRED, merge_method
+from taskvec.methods.params import REQUIRED, Param
+from taskvec.methods.registry import merge_method
 
 SHOEMAKE = "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985"
 
@@ -27,7 +28,13 @@ def slerp_coefficients(
     return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
 
 
-@merge_method("slerp", base="required", globals={"t": REQUIRED}, reference=SHOEMAKE, min_models=1)
+@merge_method(
+    "slerp",
+    base="required",
+    globals={"t": Param(REQUIRED, "[0, 1]")},
+    reference=SHOEMAKE,
+    min_models=1,
+)
 def slerp(tensors: torch.Tensor, base: torch.Tensor, *, t: float) -> torch.Tensor:
     """θ = SLERP(θ₀, θ₁; t) over the whole flattened tensor; t = 0 gives the base."""
     if tensors.shape[0] != 1:
@@ -54,7 +61,7 @@ def _rowwise_slerp(t: float, a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8
 @merge_method(
     "nuslerp",
     base="optional",
-    per_model={"weight": REQUIRED},
+    per_model={"weight": Param(REQUIRED, "[0, inf)")},
     globals={"nuslerp_flatten": True, "nuslerp_row_wise": False},
     reference=SHOEMAKE + "; mergekit's nuslerp",
     min_models=2,
@@ -95,8 +102,8 @@ def _unit(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 @merge_method(
     "multislerp",
     base="optional",
-    per_model={"weight": REQUIRED},
-    globals={"normalize_weights": True, "eps": 1e-8},
+    per_model={"weight": Param(REQUIRED, "[0, inf)")},
+    globals={"normalize_weights": True, "eps": Param(1e-8, "(0, inf)")},
     reference="Barycentric interpolation on the hypersphere; mergekit's multislerp",
 )
 def multislerp(
@@ -137,7 +144,7 @@ def multislerp(
 @merge_method(
     "karcher",
     base="unused",
-    globals={"max_iter": 10, "tol": 1e-5},
+    globals={"max_iter": Param(10, "[1, inf)", integer=True), "tol": Param(1e-5, "[0, inf)")},
     reference="Karcher, Riemannian center of mass, 1977; mergekit's karcher",
 )
 def karcher(
@@ -185,7 +192,7 @@ def karcher(
 @merge_method(
     "nearswap",
     base="required",
-    globals={"t": REQUIRED},
+    globals={"t": Param(REQUIRED, "(0, inf)")},
     reference="mergekit's nearswap (Ruphaa's NearSwap)",
     elementwise=True,
 )

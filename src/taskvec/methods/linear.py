@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from taskvec.errors import NumericError
-from taskvec.methods.registry import REQUIRED, merge_method
+from taskvec.methods.params import REQUIRED, Param
+from taskvec.methods.registry import merge_method
+from taskvec.methods.sparsify import RESCALE_MODES
 
 
 def weighted_sum(
@@ -29,7 +31,7 @@ def _total(weight: torch.Tensor) -> float:
 @merge_method(
     "linear",
     base="unused",
-    per_model={"weight": REQUIRED},
+    per_model={"weight": Param(REQUIRED)},
     globals={"normalize": True},
     reference="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
     elementwise=True,
@@ -52,8 +54,13 @@ def linear(
 @merge_method(
     "task_arithmetic",
     base="required",
-    per_model={"weight": REQUIRED, "density": 1.0},
-    globals={"lambda": 1.0, "normalize": False, "int8_mask": False, "rescale": False},
+    per_model={"weight": Param(REQUIRED), "density": Param(1.0, "(0, 1]")},
+    globals={
+        "lambda": Param(1.0),
+        "normalize": False,
+        "int8_mask": False,
+        "rescale": Param(False, choices=RESCALE_MODES),
+    },
     reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
     elementwise=True,
 )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 
 
 @merge_method(
     "magmax",
     base="required",
-    globals={"lambda": 1.0},
+    globals={"lambda": Param(1.0)},
     reference="Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual "
     "Learning, ECCV 2024 (arXiv 2407.06322)",
     elementwise=True,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from taskvec.errors import NumericError
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 
 
 @merge_method(
     "passthrough",
     base="unused",
-    per_model={"scale": 1.0},
+    per_model={"scale": Param(1.0)},
     reference="mergekit's passthrough (frankenmerges via slices)",
     elementwise=True,
 )

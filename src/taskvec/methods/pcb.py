@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 from taskvec.methods.sparsify import topk_mask
 
@@ -17,7 +18,7 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 @merge_method(
     "pcb",
     base="required",
-    globals={"lambda": 1.0, "pcb_ratio": 0.1},
+    globals={"lambda": Param(1.0), "pcb_ratio": Param(0.1, "(0, 1]")},
     reference="Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024 "
     "(arXiv 2410.02396)",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 
 REFERENCE = "Reinforced Agent Merging (RAM), 2025; mergekit's ram and ramplus_tl"
@@ -19,7 +20,11 @@ def _masks(tensors: torch.Tensor, base: torch.Tensor, epsilon: float):
 
 
 @merge_method(
-    "ram", base="required", globals={"epsilon": 1e-5}, reference=REFERENCE, elementwise=True
+    "ram",
+    base="required",
+    globals={"epsilon": Param(1e-5, "[0, inf)")},
+    reference=REFERENCE,
+    elementwise=True,
 )
 def ram(tensors: torch.Tensor, base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
     """Entries changed (|τ| > ε) by one model take its change; entries changed by several take
@@ -32,7 +37,11 @@ def ram(tensors: torch.Tensor, base: torch.Tensor, *, epsilon: float) -> torch.T
 @merge_method(
     "ramplus_tl",
     base="required",
-    globals={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    globals={
+        "r": Param(0.1, "[0, inf)"),
+        "alpha": Param(0.2, "[0, inf)"),
+        "epsilon": Param(1e-5, "(0, inf)"),
+    },
     reference=REFERENCE,
 )
 def ramplus_tl(

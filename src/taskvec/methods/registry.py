@@ -2,9 +2,13 @@
 
 A merge method is a small pure function over the stacked tensors of one parameter::
 
-    @merge_method("linear", base="unused", per_model={"weight": REQUIRED},
+    @merge_method("linear", base="unused", per_model={"weight": Param(REQUIRED)},
                   globals={"normalize": True}, reference="Wortsman et al. 2022")
     def linear(tensors, base, *, weight, normalize): ...
+
+Every parameter is declared with its default and valid values (a
+:class:`~taskvec.methods.params.Param`, or a plain bool for a true/false switch); the planner
+checks every resolved value against them before any tensor is read.
 
 * ``tensors``: float tensor of shape ``(N, *shape)``, one row per input model. The base model
   is not among them unless the config lists it under ``models``, or the method has no base
@@ -51,8 +55,9 @@ from typing import Any, Literal
 import torch
 
 from taskvec.errors import ConfigError
+from taskvec.methods.params import REQUIRED as REQUIRED  # re-exported: methods import it here
+from taskvec.methods.params import Param
 
-REQUIRED: Any = object()
 BaseUse = Literal["required", "optional", "unused"]
 MethodFn = Callable[..., torch.Tensor]
 
@@ -91,7 +96,9 @@ class TensorPass:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: its function, what it needs and its documented parameters."""
+    """A registered method: its function, what it needs and its documented parameters
+    (``per_model`` and ``globals`` map each name to its default, ``params`` to its
+    :class:`Param`)."""
 
     name: str
     fn: MethodFn
@@ -105,6 +112,7 @@ class MergeMethod:
     elementwise: bool = False
     wants_name: bool = False
     tensor_pass: TensorPass | None = None
+    params: dict[str, Param] = field(default_factory=dict)
 
     @property
     def formula(self) -> str:
@@ -131,8 +139,8 @@ def merge_method(
     name: str,
     *,
     base: BaseUse,
-    per_model: dict[str, Any] | None = None,
-    globals: dict[str, Any] | None = None,
+    per_model: dict[str, Param] | None = None,
+    globals: dict[str, Param | bool] | None = None,
     reference: str = "",
     random: bool = False,
     min_models: int = 1,
@@ -148,12 +156,13 @@ def merge_method(
             raise ValueError(f"merge method {name!r} registered twice")
         if whole_model is not None and tensor_pass is not None:
             raise ValueError(f"merge method {name!r}: whole_model or tensor_pass, not both")
+        params = _declared(name, per_model or {}, globals or {})
         _REGISTRY[name] = MergeMethod(
             name,
             fn,
             base,
-            dict(per_model or {}),
-            dict(globals or {}),
+            {k: params[k].default for k in per_model or {}},
+            {k: params[k].default for k in globals or {}},
             reference,
             random,
             min_models,
@@ -161,10 +170,29 @@ def merge_method(
             elementwise,
             wants_name,
             tensor_pass,
+            params,
         )
         return fn
 
     return register
+
+
+def _declared(
+    name: str, per_model: dict[str, Param], globals: dict[str, Param | bool]
+) -> dict[str, Param]:
+    """Every parameter as a :class:`Param` (a bool default is a plain switch); per-model
+    parameters are numbers, and nothing is left without its valid values."""
+    params: dict[str, Param] = {}
+    for key, spec in [*per_model.items(), *globals.items()]:
+        if isinstance(spec, bool):
+            spec = Param(spec)
+        if not isinstance(spec, Param) or (key in per_model and spec.kind != "number"):
+            raise ValueError(
+                f"merge method {name!r}: declare parameter {key!r} as a Param with its valid "
+                "values (per-model parameters are numbers)"
+            )
+        params[key] = spec
+    return params
 
 
 def get_method(name: str) -> MergeMethod:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 from taskvec.methods.sparsify import topk_mask
 from taskvec.methods.ties_family import sign_consensus
@@ -12,7 +13,7 @@ from taskvec.methods.ties_family import sign_consensus
 @merge_method(
     "sce",
     base="required",
-    globals={"select_topk": 1.0, "int8_mask": False},
+    globals={"select_topk": Param(1.0, "(0, 1]"), "int8_mask": False},
     reference="Wan et al., FuseChat (SCE merging), 2024 (arXiv 2408.07990)",
 )
 def sce(

@@ -43,6 +43,7 @@ import torch
 
 from taskvec import blas
 from taskvec.errors import ConfigError
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 
 SMALL_NUMEL = 1 << 16
@@ -304,7 +305,7 @@ def tsv_delta(tasks: Tasks) -> torch.Tensor:
 @merge_method(
     "tsv",
     base="required",
-    globals={"alpha": 1.0},
+    globals={"alpha": Param(1.0)},
     reference="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
     "Merging, CVPR 2025 (arXiv 2412.00081)",
     wants_name=True,
@@ -404,7 +405,11 @@ _ISO_REFERENCE = (
 
 
 @merge_method(
-    "iso_c", base="required", globals={"alpha": 1.0}, reference=_ISO_REFERENCE, wants_name=True
+    "iso_c",
+    base="required",
+    globals={"alpha": Param(1.0)},
+    reference=_ISO_REFERENCE,
+    wants_name=True,
 )
 def iso_c(
     tensors: torch.Tensor, base: torch.Tensor, *, alpha: float, name: str | None = None
@@ -428,7 +433,7 @@ def iso_c(
 @merge_method(
     "iso_cts",
     base="required",
-    globals={"alpha": 1.0, "common_space_fraction": 0.8},
+    globals={"alpha": Param(1.0), "common_space_fraction": Param(0.8, "[0, 1]")},
     reference=_ISO_REFERENCE,
     wants_name=True,
 )

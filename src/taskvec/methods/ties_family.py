@@ -24,7 +24,8 @@ import torch
 
 from taskvec.errors import ConfigError
 from taskvec.methods import sparsify as sp
-from taskvec.methods.registry import REQUIRED, WholeModelPass, merge_method
+from taskvec.methods.params import REQUIRED, Param
+from taskvec.methods.registry import WholeModelPass, merge_method
 
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
@@ -120,7 +121,7 @@ def _consensus_block(
     return mixed
 
 
-_COMMON = {"lambda": 1.0, "int8_mask": False}
+_COMMON: dict[str, Param | bool] = {"lambda": Param(1.0), "int8_mask": False}
 
 
 def _register(
@@ -129,12 +130,12 @@ def _register(
     consensus: bool,
     normalize: bool,
     rescale: bool,
-    extra: dict[str, Any],
+    extra: dict[str, Param],
     random: bool,
     reference: str,
     sparsify: Callable[..., torch.Tensor],
     formula: str,
-    options: dict[str, Any] | None = None,
+    options: dict[str, Param] | None = None,
     whole_model: WholeModelPass | None = None,
     window_of: Callable[..., sp.Window] | None = None,
 ) -> None:
@@ -197,8 +198,13 @@ def _register(
     merge_method(
         name,
         base="required",
-        per_model={"weight": REQUIRED, "density": 1.0, **extra},
-        globals={**_COMMON, "normalize": normalize, "rescale": rescale, **(options or {})},
+        per_model={"weight": Param(REQUIRED), "density": Param(1.0, "(0, 1]"), **extra},
+        globals={
+            **_COMMON,
+            "normalize": normalize,
+            "rescale": Param(rescale, choices=sp.RESCALE_MODES),
+            **(options or {}),
+        },
         reference=reference,
         random=random,
         whole_model=whole_model,
@@ -249,7 +255,10 @@ _register(
     before the sign election and trimming is per tensor; the paper's variant is
     `elect: unweighted` with `trim_scope: model` (top-k over the whole model, from a streamed
     histogram pass). The paper's defaults are density 0.2 and λ tuned in [0.8, 2.5].""",
-    options={"trim_scope": "tensor", "elect": "weighted"},
+    options={
+        "trim_scope": Param("tensor", choices=("tensor", "model")),
+        "elect": Param("weighted", choices=("weighted", "unweighted")),
+    },
     whole_model=GLOBAL_TRIM,
     window_of=sp.magnitude_window,
 )
@@ -285,7 +294,7 @@ _register(
     consensus=False,
     normalize=False,
     rescale=False,
-    extra={"gamma": 0.01},
+    extra={"gamma": Param(0.01, "[0, 1)")},
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
@@ -301,7 +310,7 @@ _register(
     consensus=True,
     normalize=False,
     rescale=False,
-    extra={"gamma": 0.01},
+    extra={"gamma": Param(0.01, "[0, 1)")},
     random=False,
     reference=CRUMBS,
     sparsify=sp.outliers,
@@ -313,7 +322,7 @@ _register(
     consensus=True,
     normalize=True,
     rescale=True,
-    extra={"epsilon": 0.15},
+    extra={"epsilon": Param(0.15, "[0, 0.5)")},
     random=True,
     reference=DELLA,
     sparsify=sp.della_magprune,
@@ -329,7 +338,7 @@ _register(
     consensus=False,
     normalize=False,
     rescale=True,
-    extra={"epsilon": 0.15},
+    extra={"epsilon": Param(0.15, "[0, 0.5)")},
     random=True,
     reference=DELLA,
     sparsify=sp.della_magprune,

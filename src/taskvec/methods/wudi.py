@@ -38,6 +38,7 @@ import torch
 
 from taskvec import blas
 from taskvec.errors import ConfigError
+from taskvec.methods.params import Param
 from taskvec.methods.registry import merge_method
 from taskvec.methods.spectral import Tasks, is_matrix, mean_rule
 
@@ -323,7 +324,12 @@ def adam_rows(
 @merge_method(
     "wudi",
     base="required",
-    globals={"steps": 300, "lr": 1e-5, "step_tol": 0.1, "gram_rank": 32},
+    globals={
+        "steps": Param(300, "[0, inf)", integer=True),
+        "lr": Param(1e-5, "[0, inf)"),
+        "step_tol": Param(0.1, "[0, 1)"),
+        "gram_rank": Param(32, "[0, inf)", integer=True),
+    },
     reference="Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free "
     "Model Merging via Task Vectors, ICML 2025 (arXiv 2503.08099)",
     wants_name=True,
