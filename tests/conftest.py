@@ -131,6 +131,15 @@ def _family(root: Path, arch: str, build: Callable[[], torch.nn.Module], n_fts: 
     return Family(arch, base, fts, base_sd, ft_sds, root)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fingerprints (and anything else taskvec caches) go to a folder of the test session's,
+    never to the user's ~/.cache/taskvec."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TASKVEC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Tiny Llama: base + 3 fine-tunes, each in several safetensors shards."""

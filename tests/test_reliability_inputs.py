@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,6 @@ from taskvec.errors import CheckpointError, IncompatibleError
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.fingerprint import content_fingerprint
 from taskvec.merge import merge, plan_merge
-
-
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fingerprints cached in a folder of this module's, not the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TASKVEC_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 @pytest.fixture(scope="module")
