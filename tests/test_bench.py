@@ -21,12 +21,9 @@ from taskvec.bench import finetune, sources, tasks  # noqa: E402
 from taskvec.bench.config import BenchConfig, TrainSettings  # noqa: E402
 from taskvec.bench.encoder import (  # noqa: E402
     Head,
-    collate,
     load_encoder,
-    load_tokenizer,
     mean_pool,
     pooled,
-    tokenize,
 )
 from taskvec.bench.evaluate import EvalResult, Evaluator, TaskScore, combine  # noqa: E402
 from taskvec.bench.probe import linear_probe  # noqa: E402
@@ -436,7 +433,6 @@ from click.testing import CliRunner  # noqa: E402
 from taskvec.bench import build as build_mod  # noqa: E402
 from taskvec.bench import results as results_mod  # noqa: E402
 from taskvec.bench.config import PRESETS  # noqa: E402
-from taskvec.bench.encoder import idle_cores  # noqa: E402
 from taskvec.bench.harness import Bench  # noqa: E402
 from taskvec.bench.probe import ProbeResult  # noqa: E402
 from taskvec.bench.suite import run_suite  # noqa: E402
@@ -448,6 +444,7 @@ from taskvec.bench.sweeps import (  # noqa: E402
     negate,
     run_sweep,
 )
+from taskvec.forward import collate, idle_cores, load_tokenizer, tokenize  # noqa: E402
 
 
 def _toy_config(tasks: tuple[str, ...], **kw: object) -> BenchConfig:

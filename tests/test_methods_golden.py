@@ -352,6 +352,12 @@ COVERED = {
     "iso_c",
     "iso_cts",
     "wudi",
+    # golden tests in test_methods_statistics.py
+    "regmean",
+    "fisher",
+    # whole-model pipeline methods: golden tests in test_fda.py and test_pipeline_methods.py
+    "fda",
+    "emr",
 }
 
 

@@ -14,12 +14,12 @@ from taskvec.algebra import Model, TaskVector, apply, is_structural, load, load_
 from taskvec.cli_errors import friendly
 from taskvec.engine import default_threads, planned_tensors
 from taskvec.errors import CheckpointError, OutputError
-from taskvec.fda.config import FdaMerge
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.dtypes import dtype_name
 from taskvec.io.manifest import verify as verify_output
 from taskvec.io.output_siblings import partial_folder
 from taskvec.io.writer import DEFAULT_SHARD_SIZE
+from taskvec.merge import MergePlan
 from taskvec.merge import merge as run_merge
 
 log = logging.getLogger("taskvec")
@@ -110,24 +110,19 @@ def merge(
         device=device,
         resume=resume,
     )
-    fda = isinstance(plan, FdaMerge)
-    name = "fda" if fda else plan.method.name
+    name = plan.method.name
     if not dry_run:
-        if fda:
-            click.echo(f"wrote the FDA-adapted model to {out}")
+        if not isinstance(plan, MergePlan):  # a whole-model pipeline method
+            click.echo(f"wrote {plan.method.output} with {name} to {out}")
             return
         n_tensors = len(planned_tensors(plan.jobs))  # jobs are row chunks of tensors
         click.echo(f"merged {n_tensors} tensors with {name} into {out}")
         return
     click.echo(f"plan: {name} -> {out}")
     lines = (
-        plan.lines()
-        if fda
-        else [
-            *plan.summary(threads or default_threads()).lines(),
-            *plan.config_lines(),
-            *plan.notes,
-        ]
+        [*plan.summary(threads or default_threads()).lines(), *plan.config_lines(), *plan.notes]
+        if isinstance(plan, MergePlan)
+        else plan.lines()
     )
     for line in lines:
         click.echo(f"  {line}")
@@ -309,14 +304,14 @@ def emr_cmd(
     overwrite: bool,
     no_progress: bool,
 ) -> None:
-    """EMR-merge FINETUNED models: a unified task vector plus a mask and scale per task."""
-    from taskvec.emr import emr_merge
+    """EMR-merge FINETUNED models: a unified task vector plus a mask and scale per task
+    (the command-line form of ``merge_method: emr``)."""
+    from taskvec.emr import emr_merge, task_vectors
 
     labels = names.split(",") if names else [p.name for p in finetuned]
     if len(labels) != len(finetuned) or len(set(labels)) != len(labels):
         raise CheckpointError("--names must give one distinct name per fine-tuned model")
-    b = load_model(base)
-    vectors = {n: load_model(p) - b for n, p in zip(labels, finetuned, strict=True)}
+    vectors = task_vectors(base, dict(zip(labels, finetuned, strict=True)))
     emr_merge(vectors, out, overwrite=overwrite, threads=threads, progress=not no_progress)
     click.echo(f"saved EMR merge of {len(vectors)} tasks to {out}")
 
@@ -347,6 +342,61 @@ def emr_task_cmd(
     model = load_model(base) + emr_task_vector(emr_dir, task)
     model.save(out, dtype=dtype, threads=threads, overwrite=overwrite, progress=not no_progress)
     click.echo(f"saved the {task!r} model to {out}")
+
+
+@main.command("stats")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data")
+@click.option("--kind", type=click.Choice(["gram", "fisher"]), required=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--column", default=None, help="The text column (default: text).")
+@click.option("--examples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option(
+    "--fisher-variant",
+    type=click.Choice(["example", "batch"]),
+    default="example",
+    show_default=True,
+    help="example: per-example squared gradients (the paper's); batch: FusionBench's squared "
+    "batch-summed gradients.",
+)
+@click.option(
+    "--head",
+    type=click.Choice(["auto", "base", "classification", "causal-lm"]),
+    default="auto",
+    show_default=True,
+    help="The model class to load (auto: from config.json's architectures).",
+)
+@_threads
+@_overwrite
+@_friendly
+def stats_cmd(
+    model: Path,
+    data: str,
+    kind: str,
+    out: Path,
+    column: str | None,
+    examples: int,
+    batch_size: int,
+    max_length: int,
+    fisher_variant: str,
+    head: str,
+    threads: int | None,
+    overwrite: bool,
+) -> None:
+    """Gram matrices XᵀX/N of every Linear input, or the diagonal Fisher, of MODEL on DATA (a
+    datasets folder, a .jsonl/.csv/.txt file[:column], or module:function), written to OUT."""
+    from taskvec.forward import set_threads
+    from taskvec.stats import StatsSettings, compute_statistics
+
+    set_threads(threads)
+    settings = StatsSettings(kind, examples, batch_size, max_length, fisher_variant, head)  # type: ignore[arg-type]
+    done = compute_statistics(model, data, out, settings, column=column, overwrite=overwrite)
+    click.echo(
+        f"saved {kind} statistics ({done['tensors']} tensors, {done['bytes'] / 1e6:.1f} MB) "
+        f"to {out} in {done['seconds']:.1f} s"
+    )
 
 
 @main.command("methods")

@@ -69,6 +69,7 @@ class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: ParametersField = {}
+    statistics: str | None = None  # a `taskvec stats` folder, for methods that use statistics
 
 
 class SliceSource(BaseModel):

@@ -11,7 +11,8 @@ arXiv 2405.17461).
 and bit-packed ``masks`` (one ``(T, ⌈n/8⌉)`` uint8 tensor per parameter) in safetensors,
 and ``emr.json`` with the task names and scales. :func:`emr_task_vector` gives task i back as
 a lazy :class:`~taskvec.algebra.TaskVector`, so ``base + emr_task_vector(folder, "math")``
-saves that task's model.
+saves that task's model. ``merge_method: emr`` in a merge config (:func:`plan_emr`,
+:func:`run_emr`) and ``taskvec emr`` write the same folder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import json
 import math
 import os
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskvec.algebra import Spec, TaskVector, _Cache
+from taskvec.algebra import Spec, TaskVector, _Cache, load_model
+from taskvec.config import MergeConfig
 from taskvec.engine import Job, default_threads, execute, planned_tensors
-from taskvec.errors import CheckpointError, IncompatibleError
-from taskvec.io.checkpoint import Checkpoint, open_checkpoint
+from taskvec.errors import CheckpointError, IncompatibleError, TaskvecError
+from taskvec.io.checkpoint import Checkpoint, check_not_an_input, open_checkpoint
 from taskvec.io.writer import CheckpointWriter, check_output_path
 
 MASK_SUFFIX = ":emr_mask"
@@ -64,23 +68,13 @@ def emr_merge(
     progress: bool = True,
 ) -> Path:
     """Write the EMR decomposition of the named task vectors to the folder ``out``."""
-    if len(vectors) < 2:
-        raise IncompatibleError("EMR-merging needs at least two task vectors")
+    check_vectors(vectors)
     names = list(vectors)
     tvs = list(vectors.values())
     specs = tvs[0].specs
-    for other_name, other in zip(names[1:], tvs[1:], strict=True):
-        if set(other.specs) != set(specs):
-            raise IncompatibleError(
-                f"task vector {other_name!r} has other tensors than {names[0]!r}"
-            )
-        for n, s in other.specs.items():
-            if s.shape != specs[n].shape:
-                raise IncompatibleError(
-                    f"shape mismatch for tensor {n!r}: {list(specs[n].shape)} vs {list(s.shape)}"
-                )
     out_path = Path(out).expanduser().absolute()
     check_output_path(out_path, overwrite)
+    check_not_an_input(out_path, [c for v in tvs for c in v._leaves()])
     sums = torch.zeros(2, len(tvs), dtype=torch.float64)  # Σ|τᵢ|, Σ|Mᵢ τ_uni|
     lock = threading.Lock()
 
@@ -129,6 +123,74 @@ def emr_merge(
         scales = (sums[0] / sums[1].clamp(min=1e-30)).tolist()
         writer.add_json("emr.json", {"kind": "emr", "tasks": names, "scales": scales})
         return writer.commit()
+
+
+def check_vectors(vectors: dict[str, TaskVector]) -> None:
+    """Refuse fewer than two task vectors, or task vectors of other tensors or shapes."""
+    if len(vectors) < 2:
+        raise IncompatibleError("EMR-merging needs at least two task vectors")
+    (first, specs), *others = ((n, v.specs) for n, v in vectors.items())
+    for other_name, other in others:
+        if set(other) != set(specs):
+            raise IncompatibleError(f"task vector {other_name!r} has other tensors than {first!r}")
+        for n, s in other.items():
+            if s.shape != specs[n].shape:
+                raise IncompatibleError(
+                    f"shape mismatch for tensor {n!r}: {list(specs[n].shape)} vs {list(s.shape)}"
+                )
+
+
+def task_vectors(
+    base: str | os.PathLike[str], models: Mapping[str, str | os.PathLike[str]]
+) -> dict[str, TaskVector]:
+    """τₜ = θₜ − θ₀ for each named model folder (lazy: headers only)."""
+    b = load_model(base)
+    return {t: load_model(p) - b for t, p in models.items()}
+
+
+@dataclass
+class EmrPlan:
+    """A validated ``merge_method: emr`` config (what ``--dry-run`` reports)."""
+
+    base: str
+    experts: dict[str, str]
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"base: {self.base}",
+            f"tasks: {', '.join(f'{k}={v}' for k, v in self.experts.items())}",
+            "writes: unified task vector, one mask per task, scales in emr.json",
+        ]
+
+
+def plan_emr(cfg: MergeConfig, config_dir: Path | None = None, seed: int | None = None) -> EmrPlan:
+    """Check an EMR config and the models' headers (no weights are read); ``seed`` is unused
+    (EMR is deterministic)."""
+    from taskvec.methods.emr import EMR
+
+    base, experts = EMR.inputs(cfg, config_dir)
+    EMR.checked(EMR.given(cfg.parameters), len(experts))
+    plan = EmrPlan(base, experts)
+    try:
+        check_vectors(task_vectors(base, experts))
+    except TaskvecError as e:
+        plan.problems.append(str(e))
+    return plan
+
+
+def run_emr(
+    plan: EmrPlan,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write the EMR folder of ``plan`` to ``out`` (on the CPU: ``device`` is not used)."""
+    vectors = task_vectors(plan.base, plan.experts)
+    return emr_merge(vectors, out, overwrite=overwrite, threads=threads, progress=progress)
 
 
 def _bind(fn: Any, name: str) -> Any:

@@ -43,11 +43,10 @@ from taskvec.engine import (
     summarize,
 )
 from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, TaskvecError
-from taskvec.fda.config import METHOD as FDA_METHOD
-from taskvec.fda.config import FdaMerge
 from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, open_checkpoint
 from taskvec.io.dtypes import computable, dtype_name, parse_dtype
 from taskvec.io.manifest import describe_inputs
+from taskvec.io.statistics import Statistics, open_statistics
 from taskvec.io.writer import (
     DEFAULT_SHARD_SIZE,
     CheckpointWriter,
@@ -55,6 +54,7 @@ from taskvec.io.writer import (
     finished_output,
 )
 from taskvec.layout import LayerLayout
+from taskvec.methods.pipeline import PipelineMerge, PipelineMethod
 from taskvec.methods.registry import REQUIRED, MergeMethod, TensorPass, WholeModelPass
 from taskvec.model_card import merge_card
 from taskvec.model_view import ModelView
@@ -188,13 +188,17 @@ class _Planner:
         self.cfg = cfg
         self.config_dir = config_dir
         self.seed = random_seed
-        self.method = methods.get_method(cfg.merge_method)
+        method = methods.get_method(cfg.merge_method)
+        if isinstance(method, PipelineMethod):
+            raise ConfigError(f"{method.name} is a whole-model pipeline method: use merge()")
+        self.method = method
         self._open: dict[str, Checkpoint] = {}  # the model each config name stands for
         # what each config name's path holds (a task vector itself, where _open has base + τ)
         self.opened: dict[str, Checkpoint] = {}
         self.problems: list[str] = []
         self.notes: list[str] = []  # what --dry-run reports besides the summary
         self._bases = {cfg.base_model, *(sl.base_model for sl in cfg.slices or [])} - {None}
+        self._statistics: dict[str, Statistics] = {}  # config name -> its checked statistics
 
     # --- inputs ----------------------------------------------------------------------------
     def checkpoint(self, ref: str) -> Checkpoint:
@@ -203,10 +207,7 @@ class _Planner:
                 raise ConfigError(
                     f"model {ref!r}: LoRA references (model+lora) are not supported yet"
                 )
-            path = Path(ref).expanduser()
-            if not path.exists() and self.config_dir is not None and not path.is_absolute():
-                alt = self.config_dir / path
-                path = alt if alt.exists() else path
+            path = self._local(ref)
             if not path.exists():
                 raise CheckpointError(
                     f"model {ref!r}: no such local file or folder (taskvec reads local "
@@ -215,6 +216,38 @@ class _Planner:
             self.opened[ref] = open_checkpoint(path)
             self._open[ref] = self._as_model(ref, self.opened[ref])
         return self._open[ref]
+
+    def _local(self, ref: str) -> Path:
+        """The path ``ref`` names: as given, else relative to the config file's folder."""
+        path = Path(ref).expanduser()
+        if not path.exists() and self.config_dir is not None and not path.is_absolute():
+            alt = self.config_dir / path
+            path = alt if alt.exists() else path
+        return path
+
+    def statistics(self, sources: list[_Source]) -> list[Statistics] | None:
+        """Each source's statistics (its ``statistics:`` folder, checked against its model),
+        when the method uses statistics; ``None`` when it does not."""
+        kind, m = self.method.statistics, self.method
+        given = {im.model: im.statistics for im in self.cfg.models or [] if im.statistics}
+        if kind is None:
+            if given:
+                log.warning("%s uses no statistics: the models' statistics are ignored", m.name)
+            return None
+        for src in sources:
+            if src.ref in self._statistics:
+                continue
+            if src.ref not in given:
+                raise ConfigError(
+                    f"model {src.ref!r}: {m.name} needs {kind} statistics of every model it "
+                    f"merges: give `statistics:` (a taskvec stats --kind {kind} folder) next to "
+                    "it under models"
+                )
+            path = self._local(given[src.ref])
+            self._statistics[src.ref] = open_statistics(path, src.ckpt, kind, f"model {src.ref!r}")
+            examples = self._statistics[src.ref].ckpt.metadata.get("taskvec.examples", "?")
+            self.notes.append(f"model {src.ref!r}: {kind} statistics {path} ({examples} examples)")
+        return [self._statistics[src.ref] for src in sources]
 
     def _as_model(self, ref: str, ckpt: Checkpoint) -> Checkpoint:
         """``ckpt``, or for a saved task vector τ the model ``base + τ`` it stands for (the
@@ -237,8 +270,9 @@ class _Planner:
         return ModelView(AppliedModel(base, tau, allow_other_base=True), ckpt.path)
 
     def inputs(self) -> list[Checkpoint]:
-        """The checkpoints the merge reads (for a task vector, it and its base)."""
-        return list({id(c): c for c in self.opened.values()}.values())
+        """The checkpoints the merge reads (for a task vector, it and its base; statistics)."""
+        read = [*self.opened.values(), *(st.ckpt for st in self._statistics.values())]
+        return list({id(c): c for c in read}.values())
 
     def check_parameters(self) -> None:
         m, cfg = self.method, self.cfg
@@ -361,6 +395,7 @@ class _TensorTask:
     name: str
     rows: tuple[int, int] | None = None
     blocks: tuple[tuple[int, int], ...] = ()  # row blocks of a two-phase tensor (TensorPass)
+    stats: tuple[tuple[Checkpoint, str], ...] = ()  # each input's statistic, if it has one
 
     def load(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inputs stacked as ``(N, *shape)`` in the working dtype on ``device``, and the
@@ -403,7 +438,19 @@ class _TensorTask:
             {**self.global_, **run.context},
             self.seed,
             self.name,
+            self.load_stats(stacked.device),
         )
+
+    def load_stats(self, device: torch.device) -> torch.Tensor | None:
+        """The inputs' statistics of this tensor stacked as ``(N, *statistic shape)`` in
+        float32 on ``device``, or ``None`` when it has none."""
+        if not self.stats:
+            return None
+        ckpt, key = self.stats[0]
+        stacked = torch.empty((len(self.stats), *ckpt.tensors[key].shape), dtype=torch.float32)
+        for i, (ckpt, key) in enumerate(self.stats):
+            stacked[i].copy_(ckpt.read(key))
+        return stacked.to(device)
 
     def _run_in_two_phases(
         self, tensor_pass: TensorPass, device: torch.device
@@ -438,7 +485,8 @@ class _TensorTask:
     ) -> torch.Tensor:
         stacked, base = self.load(device)
         per_model = _on(self.per_model, stacked.device)
-        return first_pass.collect(stacked, base, **per_model, **self.global_).cpu()
+        extra = {"stats": self.load_stats(stacked.device)} if self.method.statistics else {}
+        return first_pass.collect(stacked, base, **per_model, **self.global_, **extra).cpu()
 
 
 def _on(params: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -456,8 +504,11 @@ def _call(
     global_: dict[str, Any],
     seed: int | None,
     name: str,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     extra: dict[str, Any] = {}
+    if method.statistics is not None:
+        extra["stats"] = stats
     if method.random:
         extra["generator"] = torch.Generator().manual_seed(_seed_for(seed, name))
     if method.wants_name:
@@ -497,7 +548,8 @@ def _probe(
         context: dict[str, Any] = {}
         first_pass = _first_pass(method, global_)
         if first_pass is not None:
-            total = first_pass.collect(x.clone(), base, **per_model, **global_)
+            extra = {"stats": None} if method.statistics else {}
+            total = first_pass.collect(x.clone(), base, **per_model, **global_, **extra)
             context = first_pass.finalize(total, **per_model, **global_)
         out = _call(method, x, base, per_model, {**global_, **context}, 0, "probe")
     except TaskvecError as e:
@@ -545,6 +597,7 @@ def plan_merge(
                 f"{method.name} needs at least {method.min_models} model(s) besides the base, "
                 f"got {len(sl.sources)}"
             )
+    statistics = {id(sl): planner.statistics(sl.sources) for sl in slices}
     ref_slice = slices[0]
     if ref_slice.base:
         reference = ref_slice.base.ckpt
@@ -608,6 +661,9 @@ def plan_merge(
         if not ref_info.is_float:
             jobs.append(_copy_job(out_name, names[-1] if sl.base else names[0], ref_info))
             continue
+        stats = _tensor_statistics(planner, sl.sources, names, statistics[id(sl)])
+        if stats is None:
+            continue
         t = layout.relative_position(layer, 0, sl.length)
         try:
             per_model, global_ = planner.parameters(sl, out_name, t)
@@ -641,6 +697,7 @@ def plan_merge(
                 out_name,
                 rows,
                 blocks,
+                stats,
             )
             inputs_bytes = 4 * ref_info.numel * (2 * n_in + 2) * (block_share or part)
             jobs.append(
@@ -648,9 +705,11 @@ def plan_merge(
                     name=out_name,
                     shape=ref_info.shape,
                     dtype=dtype,
-                    read_bytes=int(sum(i.nbytes for i in infos) * part),
+                    read_bytes=int(sum(i.nbytes for i in infos) * part)
+                    + sum(ckpt.tensors[key].nbytes for ckpt, key in stats),
                     work_bytes=int(inputs_bytes)
-                    + (_kept_bytes(infos, sl.base is not None) if blocks else 0),
+                    + (_kept_bytes(infos, sl.base is not None) if blocks else 0)
+                    + _stats_bytes(stats),
                     compute=_bind(task, run),
                     rows=rows,
                 )
@@ -685,6 +744,41 @@ def plan_merge(
         inputs=planner.inputs(),
         notes=planner.notes,
     )
+
+
+def _tensor_statistics(
+    planner: _Planner,
+    srcs: list[_Source],
+    names: list[tuple[Checkpoint, str]],
+    statistics: list[Statistics] | None,
+) -> tuple[tuple[Checkpoint, str], ...] | None:
+    """Where each source's statistic of its tensor is: all of them, or none (``()``) when
+    the method uses none or no source has one; ``None`` (a problem noted) when some sources
+    have one and others lack it."""
+    if statistics is None:
+        return ()
+    inputs = names[: len(srcs)]  # without the base, which has no statistics
+    keys = [st.keys.get(tname) for st, (_, tname) in zip(statistics, inputs, strict=True)]
+    if all(k is None for k in keys):
+        return ()
+    if any(k is None for k in keys):
+        have = next(s.ref for s, k in zip(srcs, keys, strict=True) if k is not None)
+        lack = next(s.ref for s, k in zip(srcs, keys, strict=True) if k is None)
+        planner.problems.append(
+            f"tensor {names[0][1]!r}: the statistics of model {lack!r} lack it, those of model "
+            f"{have!r} have it"
+        )
+        return None
+    return tuple((st.ckpt, k) for st, k in zip(statistics, keys, strict=True) if k is not None)
+
+
+def _stats_bytes(stats: tuple[tuple[Checkpoint, str], ...]) -> int:
+    """A job's memory for its statistics: stacked in float32, plus a float64 workspace of
+    three statistics (RegMean's summed, shrunk and factorised Gram matrices)."""
+    if not stats:
+        return 0
+    ckpt, key = stats[0]
+    return 4 * ckpt.tensors[key].numel * (len(stats) + 6)
 
 
 def _check_configs(planner: _Planner) -> None:
@@ -894,11 +988,11 @@ def merge(
     progress: bool = True,
     device: str | torch.device = "cpu",
     resume: bool = False,
-) -> MergePlan | FdaMerge:
+) -> MergePlan | PipelineMerge:
     """Plan, validate and (unless ``dry_run``) run a merge into the folder ``out``.
 
-    ``merge_method: fda`` runs :mod:`taskvec.fda` (forward passes, not a per-tensor method) and
-    returns its validated :class:`~taskvec.fda.config.FdaMerge` instead of a plan.
+    A whole-model pipeline method (``fda``, ``emr``: :mod:`taskvec.methods.pipeline`) plans
+    and runs itself; its plan comes back as a :class:`~taskvec.methods.pipeline.PipelineMerge`.
 
     ``device`` is where the methods compute (e.g. ``"cuda"``); reading, writing and random
     draws stay on the CPU, so the output does not depend on it beyond float rounding.
@@ -907,12 +1001,14 @@ def merge(
     keeps; the next run with ``resume`` (same config, inputs and options) continues it, and
     writes the same bytes as an uninterrupted run."""
     cfg = parse_config(config)
-    if cfg.merge_method == FDA_METHOD:
+    method = methods.get_method(cfg.merge_method)
+    if isinstance(method, PipelineMethod):
         if resume:
-            raise ConfigError("merge_method fda cannot be resumed (drop --resume)")
-        return _merge_fda(
-            config, cfg, out, dry_run, threads, overwrite, random_seed, progress, device
-        )
+            raise ConfigError(f"merge_method {method.name} cannot be resumed (drop --resume)")
+        config_dir = Path(config).parent if isinstance(config, str | os.PathLike) else None
+        pipeline = PipelineMerge(method, method.plan(cfg, config_dir, random_seed))
+        run = {"threads": threads, "progress": progress, "device": device}
+        return _run_pipeline(pipeline, Path(out), dry_run, overwrite, run)
     plan = plan_merge(config, random_seed=random_seed)
     plan.run.device = _device(device)
     out_path = Path(out).expanduser().absolute()
@@ -972,32 +1068,19 @@ def merge(
     return plan
 
 
-def _merge_fda(
-    source: str | os.PathLike[str] | dict[str, Any] | MergeConfig,
-    cfg: MergeConfig,
-    out: str | os.PathLike[str],
-    dry_run: bool,
-    threads: int | None,
-    overwrite: bool,
-    random_seed: int | None,
-    progress: bool,
-    device: str | torch.device,
-) -> FdaMerge:
-    from taskvec.fda.config import parse_fda, run_fda  # torch.func etc. only when used
-
-    config_dir = Path(source).parent if isinstance(source, str | os.PathLike) else None
-    plan = parse_fda(cfg, config_dir, random_seed)
-    out_path = Path(out).expanduser().absolute()
+def _run_pipeline(
+    pipeline: PipelineMerge, out: Path, dry_run: bool, overwrite: bool, run: dict[str, Any]
+) -> PipelineMerge:
+    """Check the output path, then (unless ``dry_run``, and only without problems) run."""
+    out_path = out.expanduser().absolute()
     try:
         check_output_path(out_path, overwrite)
     except TaskvecError as e:
-        plan.problems.append(str(e))
-    if not plan.problems:
-        run_fda(plan, out_path, dry_run=True)
-    if plan.problems and not dry_run:
-        raise IncompatibleError(plan.problems[0])
+        pipeline.problems.append(str(e))
     if dry_run:
-        return plan
-    return run_fda(
-        plan, out_path, overwrite=overwrite, threads=threads, progress=progress, device=device
-    )
+        return pipeline
+    if pipeline.problems:
+        raise IncompatibleError(pipeline.problems[0])
+    pipeline.method.run(pipeline.plan, out_path, overwrite=overwrite, **run)
+    log.info("wrote %s with %s to %s", pipeline.method.output, pipeline.method.name, out_path)
+    return pipeline

@@ -29,8 +29,6 @@ from taskvec.bench.encoder import (
     base_model_path,
     folder_fingerprint,
     load_encoder,
-    load_tokenizer,
-    set_threads,
 )
 from taskvec.bench.evaluate import EvalResult, Evaluator, TaskScore
 from taskvec.bench.finetune import Expert, build_expert, expert_dir
@@ -38,6 +36,7 @@ from taskvec.bench.probe import ProbeResult, linear_probe
 from taskvec.bench.sources import BenchError
 from taskvec.bench.tasks import TaskData, load_task
 from taskvec.cache import cache_dir
+from taskvec.forward import load_tokenizer, set_threads
 
 log = logging.getLogger("taskvec.bench")
 

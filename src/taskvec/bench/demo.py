@@ -25,7 +25,6 @@ from taskvec.bench.encoder import (
     Head,
     base_model_path,
     load_encoder,
-    set_threads,
 )
 from taskvec.bench.evaluate import EvalResult, combine
 from taskvec.bench.finetune import Expert, build_experts
@@ -33,6 +32,7 @@ from taskvec.bench.probe import linear_probe, probe_results
 from taskvec.bench.tasks import load_task
 from taskvec.cache import cache_dir
 from taskvec.errors import TaskvecError
+from taskvec.forward import set_threads
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 

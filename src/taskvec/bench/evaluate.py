@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 from taskvec.bench.encoder import (
     EncoderSource,
     Head,
-    collate,
     load_encoder,
     pooled,
     state_fingerprint,
-    tokenize,
 )
 from taskvec.bench.sources import BenchError
 from taskvec.bench.tasks import TaskData
+from taskvec.forward import collate, tokenize
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -27,15 +27,13 @@ from tqdm.auto import tqdm
 from taskvec.bench.config import BenchConfig, TrainSettings
 from taskvec.bench.encoder import (
     Head,
-    collate,
     copy_tokenizer,
     folder_fingerprint,
     load_encoder,
-    load_tokenizer,
     pooled,
-    tokenize,
 )
 from taskvec.bench.tasks import PARSER_VERSION, TaskData, get_task, load_task
+from taskvec.forward import collate, load_tokenizer, tokenize
 
 log = logging.getLogger("taskvec.bench")
 

@@ -154,7 +154,7 @@ def real_inputs(
 ) -> RealInputs:
     """Run the encoder on token ``ids`` (on its device) and keep each block's inputs, on the
     CPU (see :class:`RealInputs`)."""
-    from taskvec.bench.encoder import collate
+    from taskvec.forward import collate
 
     device = next(encoder.parameters()).device
 
@@ -201,8 +201,8 @@ class Sources:
 def benchmark_sources(name: str = "full", examples: int = 256) -> Sources:
     """The benchmark's base, experts and the first ``examples`` training texts of each task
     (class-balanced: the splits are ordered round-robin over the classes)."""
-    from taskvec.bench.encoder import load_tokenizer, tokenize
     from taskvec.bench.harness import Bench
+    from taskvec.forward import load_tokenizer, tokenize
 
     bench = Bench.open(name, progress=False, echo=lambda _: None)
     built = bench.built
@@ -350,7 +350,7 @@ def analyze(
     """Analyse the anchor folders against ``sources`` (see the module docstring) with the
     encoder and blocks on ``device``; with ``out``, write the three plots and
     ``fda-analysis.json`` there. Returns the JSON's content."""
-    from taskvec.bench.encoder import load_encoder
+    from taskvec.forward import load_model
 
     begin = time.perf_counter()
     folders = [Path(d) for d in anchor_dirs]
@@ -372,7 +372,7 @@ def analyze(
         )
     fda = FDA(sources.base, {t: sources.experts[t] for t in tasks}, device)
     picked = fda.blocks.pick(blocks)
-    encoder = load_encoder(sources.base, sources.base).to(fda.device)
+    encoder = load_model(sources.base, "base").to(fda.device)
     real = {
         t: real_inputs(encoder, sources.ids[t], sources.pad_id, picked, window, seed=settings.seed)
         for t in tasks

@@ -31,6 +31,7 @@ import torch
 from torch.func import functional_call
 
 from taskvec.errors import IncompatibleError, NumericError
+from taskvec.forward import transformers_module
 
 Params = dict[str, torch.Tensor]
 
@@ -58,14 +59,6 @@ FAMILIES: dict[str, Family] = {
     "mistral": _DECODER_MLP,
     "qwen2": _DECODER_MLP,
 }
-
-
-def _transformers() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 @dataclass(frozen=True)
@@ -125,7 +118,7 @@ class BlockModel:
             )
         self.family = FAMILIES[model_type]
         self.config = dict(config)
-        tf = _transformers()
+        tf = transformers_module()
         hf_config = _hf_config(tf, config)
         hf_config._attn_implementation = "eager"  # double back-prop needs plain math attention
         with torch.device("meta"):

@@ -48,8 +48,8 @@ def open_fda(
     device: str = "cpu",
 ) -> Any:
     """The :class:`~taskvec.fda.pipeline.FDA` of the command line's models, threads set."""
-    from taskvec.bench.encoder import set_threads
     from taskvec.fda.pipeline import FDA
+    from taskvec.forward import set_threads
 
     labels = names.split(",") if names else [p.name for p in experts]
     if len(labels) != len(experts) or len(set(labels)) != len(labels):
@@ -330,8 +330,8 @@ def analyze(
 ) -> None:
     """Spectrum, alignment with real inputs over optimisation, and cone energy of the anchors
     (the FDA paper's three observations), against the benchmark's training data."""
-    from taskvec.bench.encoder import set_threads
     from taskvec.fda import analysis
+    from taskvec.forward import set_threads
 
     set_threads(threads)
     settings = analysis.AnalysisSettings(rank, cone_batches, seed)

@@ -18,6 +18,9 @@ Every key of :class:`~taskvec.fda.anchors.AnchorSettings` and
 :class:`~taskvec.fda.adapt.AdaptSettings` is accepted (``lr`` is the construction's, ``adapt_lr``
 the adaptation's). A method name as ``start`` merges the experts with that method (its defaults)
 first and adapts the coefficient of the merged task vector.
+
+:mod:`taskvec.methods.fda` registers the method (its declared parameters, checked as every
+method's); :func:`plan_fda` and :func:`run_fda` are its plan and run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,10 +40,11 @@ from taskvec.fda.adapt import AdaptSettings
 from taskvec.fda.anchors import AnchorSettings
 from taskvec.io.durable import make_parents
 
-METHOD = "fda"
+if TYPE_CHECKING:
+    from taskvec.methods.registry import MergeMethod
+
 _ANCHOR_KEYS = {f.name for f in fields(AnchorSettings)} - {"snapshots"}
 _ADAPT_KEYS = {"loss", "adapt_lr", "coef_lr", "epochs", "batch"}
-_OTHER_KEYS = {"start", "scaling", "anchor_dir", "snapshots"}
 
 
 @dataclass
@@ -65,26 +69,40 @@ class FdaMerge:
         ]
 
 
-def parse_fda(
-    cfg: MergeConfig, config_dir: Path | None = None, seed: int | None = None
-) -> FdaMerge:
-    """Check an FDA config's keys and values (no weights are read); relative model paths
-    that do not exist from here are taken relative to ``config_dir``."""
-    if cfg.base_model is None or not cfg.models:
-        raise ConfigError("merge_method fda needs a base_model and a models list")
-    if cfg.dtype or cfg.out_dtype:  # not silently ignored
-        raise ConfigError("merge_method fda writes the base model's dtypes; drop dtype/out_dtype")
-    params: dict[str, Any] = dict(cfg.parameters)
-    unknown = set(params) - _ANCHOR_KEYS - _ADAPT_KEYS - _OTHER_KEYS
-    if unknown:
-        raise ConfigError(f"unknown fda parameter {sorted(unknown)[0]!r}")
-    for key, value in params.items():
-        if isinstance(value, list):
-            raise ConfigError(f"fda parameter {key!r} takes one value, not a list")
-    names = [Path(m.model).name for m in cfg.models]
-    where = _relative_to(config_dir)
-    if len(set(names)) != len(names):
-        raise ConfigError("fda names each task after its model folder; two folders share a name")
+def plan_fda(cfg: MergeConfig, config_dir: Path | None = None, seed: int | None = None) -> FdaMerge:
+    """Check an FDA config's keys and values, then the models' headers (no weights are read);
+    relative model paths that do not exist from here are taken relative to ``config_dir``."""
+    from taskvec.methods.fda import FDA as METHOD
+
+    base, experts = METHOD.inputs(cfg, config_dir)
+    given = METHOD.given(cfg.parameters)
+    _settings(given, seed)  # the settings' own messages first (`taskvec fda` shares them)
+    params = METHOD.checked(given, len(experts))
+    anchors, adapt = _settings(params, seed)
+    scaling = params.get("scaling")
+    plan = FdaMerge(
+        base,
+        experts,
+        anchors,
+        adapt,
+        str(params.get("start", "base")),
+        None if scaling is None else float(scaling),
+        params.get("anchor_dir"),
+    )
+    try:
+        from taskvec.fda.pipeline import FDA, Start
+
+        FDA(plan.base, plan.experts)  # the models' headers
+        if _start_method(plan.start) is None:
+            Start.parse(plan.start, plan.scaling)
+    except TaskvecError as e:
+        plan.problems.append(str(e))
+    return plan
+
+
+def _settings(params: dict[str, Any], seed: int | None) -> tuple[AnchorSettings, AdaptSettings]:
+    """The construction and adaptation settings the parameters give (``seed``: the merge's
+    ``--random-seed``, unless the parameters name one)."""
     try:
         anchors = AnchorSettings(
             **{k: params[k] for k in _ANCHOR_KEYS if k in params},
@@ -99,47 +117,42 @@ def parse_fda(
         raise ConfigError(f"fda: {e}") from None
     except TypeError as e:
         raise ConfigError(f"fda: bad parameter ({e})") from None
-    scaling = params.get("scaling")
-    return FdaMerge(
-        where(cfg.base_model),
-        dict(zip(names, [where(m.model) for m in cfg.models], strict=True)),
-        anchors,
-        adapt,
-        str(params.get("start", "base")),
-        None if scaling is None else float(scaling),
-        None if params.get("anchor_dir") is None else str(params["anchor_dir"]),
-    )
+    return anchors, adapt
+
+
+def _start_method(start: str) -> MergeMethod | None:
+    """The per-tensor method ``start`` names, if it names one."""
+    from taskvec.methods import MergeMethod, all_methods
+
+    method = all_methods().get(start)
+    if method is not None and not isinstance(method, MergeMethod):
+        raise ConfigError(f"FDA start {start!r} is a whole-model method, not a per-tensor one")
+    return method
 
 
 def run_fda(
     plan: FdaMerge,
     out: str | os.PathLike[str],
     *,
-    dry_run: bool = False,
     overwrite: bool = False,
     threads: int | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
-) -> FdaMerge:
-    """Validate the models (headers only), then, unless ``dry_run``, run FDA into ``out``."""
-    from taskvec import methods
+) -> Path:
+    """Run the FDA merge ``plan`` into ``out`` (a start given as a method name is merged into a
+    work folder first, then removed)."""
     from taskvec.fda.pipeline import FDA, Start
-    from taskvec.merge import merge
+    from taskvec.merge import merge  # fda builds on merge, never the other way round
 
-    try:
-        runner = FDA(plan.base, plan.experts, device)
-        method = methods.all_methods().get(plan.start)
-        start = None if method is not None else Start.parse(plan.start, plan.scaling)
-    except TaskvecError as e:
-        plan.problems.append(str(e))
-        return plan
-    if dry_run:
-        return plan
+    runner = FDA(plan.base, plan.experts, device)
+    method = _start_method(plan.start)
     out = Path(out).expanduser().absolute()
     make_parents(out)  # for the work folder; the output's writer would make them anyway
     work = Path(tempfile.mkdtemp(prefix=".taskvec-fda-start-", dir=out.parent))
     try:
-        if start is None:
+        if method is None:
+            start = Start.parse(plan.start, plan.scaling)
+        else:
             merged = work / "start"
             weight = {"parameters": {"weight": 1.0}} if "weight" in method.per_model else {}
             config = {
@@ -161,14 +174,4 @@ def run_fda(
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return plan
-
-
-def _relative_to(config_dir: Path | None) -> Any:
-    def where(ref: str) -> str:
-        path = Path(ref).expanduser()
-        if path.exists() or config_dir is None or path.is_absolute():
-            return str(path)
-        return str(config_dir / path)
-
-    return where
+    return out

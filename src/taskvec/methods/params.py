@@ -12,7 +12,10 @@ A method declares every parameter next to its default::
   are never valid, whatever the range;
 * a mode parameter (a string default) takes one of its ``choices``;
 * a switch (a bool default) takes true or false, or one of its ``choices`` (mergekit's
-  ``rescale: true`` or ``rescale: expectation``); a plain bool default needs no :class:`Param`.
+  ``rescale: true`` or ``rescale: expectation``); a plain bool default needs no :class:`Param`;
+* a text parameter (``text=True``: a path, a method name) takes any string;
+* a default of ``None`` leaves the parameter unset: the method decides (whole-model pipeline
+  methods only, see :mod:`taskvec.methods.pipeline`).
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ class Param:
     range: str = "(-inf, inf)"
     integer: bool = False
     choices: tuple[str, ...] = ()
+    text: bool = False
     interval: Interval = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interval", Interval.parse(self.range))
-        if self.default is not REQUIRED and not self.interval.counts_models:
+        unset = self.default is REQUIRED or self.default is None
+        if not unset and not self.interval.counts_models:
             try:
                 self.check("default", self.default, 1)
             except ConfigError as e:
@@ -78,7 +83,10 @@ class Param:
 
     @property
     def kind(self) -> str:
-        """``"switch"``, ``"mode"`` or ``"number"`` (a required parameter is a number)."""
+        """``"switch"``, ``"mode"``, ``"text"`` or ``"number"`` (a required or unset
+        parameter is a number unless ``text``)."""
+        if self.text:
+            return "text"
         if isinstance(self.default, bool):
             return "switch"
         return "mode" if isinstance(self.default, str) else "number"
@@ -95,6 +103,10 @@ class Param:
             if value in self.choices:
                 return value
             raise ConfigError(f"{key} = {shown} is not {self.describe()}")
+        if self.kind == "text":
+            if isinstance(value, str):
+                return value
+            raise ConfigError(f"{key} = {shown} is not {self.describe()}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} = {shown} is not a number")
         x = float(value)
@@ -109,6 +121,8 @@ class Param:
         """The valid values, as the method reference and the errors say them."""
         if self.kind == "number":
             return f"{'a whole number ' if self.integer else ''}in {self.range}"
+        if self.kind == "text":
+            return "a string"
         words = ["true", "false"] if self.kind == "switch" else []
         options = [*words, *(repr(c) for c in self.choices)]
         return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]

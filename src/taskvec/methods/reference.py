@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 
+from taskvec.methods.pipeline import PipelineMethod
 from taskvec.methods.registry import REQUIRED, MergeMethod, all_methods
 
 _BASE = {
@@ -50,6 +51,12 @@ VERSUS: dict[str, tuple[str, str]] = {
     "tsv": ("not in mergekit", "α = 1 (the paper picks α on validation)"),
     "iso_c": ("not in mergekit", "α = 1 (the paper picks α on validation)"),
     "iso_cts": ("not in mergekit", "α = 1, common space fraction 0.8 as in the paper"),
+    "fda": (
+        "not in mergekit",
+        "the authors' layer-wise algorithm; 64 anchors and 200 steps by default (the paper "
+        "uses 1200 steps) to fit a 2-core CPU, see docs/fda.md",
+    ),
+    "emr": ("not in mergekit", "same (per-task masks and scales; one model per task)"),
     "wudi": (
         "not in mergekit",
         "Adam, lr 1e-5, 300 steps as the reference code; by default (`step_tol` 0.1) the "
@@ -57,21 +64,53 @@ VERSUS: dict[str, tuple[str, str]] = {
         "differs from the exact step from the same state by ≤ 0.1·lr (RMS): τ_m within 1–3% of "
         "the reference's on real task vectors; `step_tol: 0` is the reference exactly",
     ),
+    "regmean": (
+        "not in mergekit",
+        "α = 0.95 as FusionBench (the paper: 0.9); a linear solve where the code inverts",
+    ),
+    "fisher": (
+        "not in mergekit",
+        "the paper's formula; its code also divides λᵢ by ‖Fᵢ‖ (`normalize: true`, as "
+        "FusionBench) and floors the first model's Fisher only (`favor_target_model: true`)",
+    ),
 }
 
 
-def _param(m: MergeMethod, key: str) -> str:
+def _param(m: MergeMethod | PipelineMethod, key: str) -> str:
     """``name`` (per model, default, valid values); a plain switch's values go unsaid."""
     p = m.params[key]
-    default = "required" if p.default is REQUIRED else repr(p.default)
+    unset = "unset" if p.default is None else repr(p.default)
+    default = "required" if p.default is REQUIRED else unset
     text = f"per model, {default}" if key in m.per_model else default
     if p.kind != "switch" or p.choices:
         text += f"; {p.describe()}"
     return f"`{key}` ({text})"
 
 
-def _params(m: MergeMethod) -> str:
+def _params(m: MergeMethod | PipelineMethod) -> str:
     return ", ".join(_param(m, k) for k in [*m.per_model, *m.globals]) or "none"
+
+
+def _notes(m: MergeMethod | PipelineMethod) -> list[str]:
+    """How the method runs, besides its formula and parameters."""
+    if isinstance(m, PipelineMethod):
+        return [
+            f"- whole-model pipeline: writes {m.output}; `--dry-run` checks the config and the "
+            "models' headers; not resumable"
+        ]
+    notes = []
+    if m.random:
+        notes.append("- random: seeded per tensor from `--random-seed` and the tensor name")
+    if m.whole_model is not None:
+        notes.append("- needs a streamed whole-model first pass (when its options ask for it)")
+    if m.elementwise:
+        notes.append("- elementwise: large tensors are processed in row blocks")
+    if m.statistics is not None:
+        notes.append(
+            f"- needs {m.statistics} statistics of every model (`statistics:` next to it under "
+            f"`models`, a `taskvec stats --kind {m.statistics}` folder)"
+        )
+    return notes
 
 
 def method_table() -> str:
@@ -94,10 +133,12 @@ def method_reference() -> str:
         "only choose the output dtype.",
         "Parameter ranges are checked before any tensor is read; N is the number of models",
         "merged (besides the base); NaN and infinities are never valid.",
+        "Whole-model pipeline methods (marked below) are not per-tensor functions: they take",
+        "one value per parameter, at the top level, and no `dtype`/`out_dtype`.",
         "",
     ]
     for name, m in all_methods().items():
-        doc = inspect.cleandoc(m.fn.__doc__ or "")
+        doc = inspect.cleandoc(m.doc if isinstance(m, PipelineMethod) else m.fn.__doc__ or "")
         out += [
             f"## `{name}`",
             "",
@@ -106,12 +147,7 @@ def method_reference() -> str:
             f"- parameters: {_params(m)}",
             f"- base model: {_BASE[m.base]}; at least {m.min_models} other model(s)",
         ]
-        if m.random:
-            out.append("- random: seeded per tensor from `--random-seed` and the tensor name")
-        if m.whole_model is not None:
-            out.append("- needs a streamed whole-model first pass (when its options ask for it)")
-        if m.elementwise:
-            out.append("- elementwise: large tensors are processed in row blocks")
+        out += _notes(m)
         if name in VERSUS:
             vs_mergekit, vs_paper = VERSUS[name]
             out.append(f"- versus mergekit 0.1.5: {vs_mergekit}; versus the paper: {vs_paper}")

@@ -41,8 +41,19 @@ between the phases); the method converts them, or lets torch's mixed-dtype arith
 the method, which computes the statistic itself. The working set is the tensor in float32 and
 its base rows, plus one block's inputs.
 
+A method that needs per-model statistics computed on data (``taskvec stats``) declares their
+kind, ``statistics="gram"`` or ``"fisher"``; each model of the config then names its statistics
+folder (``statistics:``), checked against the model before any tensor is read, and every call
+gets ``stats``: the statistics of all the inputs stacked, ``(N, in, in)`` for the Gram matrix
+of a Linear weight's input, ``(N, *shape)`` for a diagonal Fisher, or ``None`` for a tensor
+that has none (e.g. a bias); so does the ``collect`` of its whole-model pass, if any.
+
 The function returns the merged tensor (``*shape``). It never reads files, picks dtypes or
 devices, or knows about other tensors: the engine streams, schedules and writes.
+
+A method that is no function per tensor (FDA's forward passes, EMR's folder of masks) is a
+whole-model :class:`~taskvec.methods.pipeline.PipelineMethod`, in this same registry
+(:func:`register_method`).
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -58,7 +69,11 @@ from taskvec.errors import ConfigError
 from taskvec.methods.params import REQUIRED as REQUIRED  # re-exported: methods import it here
 from taskvec.methods.params import Param
 
+if TYPE_CHECKING:
+    from taskvec.methods.pipeline import PipelineMethod
+
 BaseUse = Literal["required", "optional", "unused"]
+StatisticsKind = Literal["gram", "fisher"]
 MethodFn = Callable[..., torch.Tensor]
 
 
@@ -113,6 +128,7 @@ class MergeMethod:
     wants_name: bool = False
     tensor_pass: TensorPass | None = None
     params: dict[str, Param] = field(default_factory=dict)
+    statistics: StatisticsKind | None = None
 
     @property
     def formula(self) -> str:
@@ -132,7 +148,15 @@ class MergeMethod:
         )
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+_REGISTRY: dict[str, MergeMethod | PipelineMethod] = {}
+
+
+def register_method(method: MergeMethod | PipelineMethod) -> None:
+    """Add ``method`` under its name: a per-tensor method (see :func:`merge_method`) or a
+    whole-model pipeline method (:mod:`taskvec.methods.pipeline`), one registry for both."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    _REGISTRY[method.name] = method
 
 
 def merge_method(
@@ -148,29 +172,33 @@ def merge_method(
     elementwise: bool = False,
     wants_name: bool = False,
     tensor_pass: TensorPass | None = None,
+    statistics: StatisticsKind | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` under ``name`` (see the module docstring for the calling convention)."""
 
     def register(fn: MethodFn) -> MethodFn:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} registered twice")
         if whole_model is not None and tensor_pass is not None:
             raise ValueError(f"merge method {name!r}: whole_model or tensor_pass, not both")
+        if statistics is not None and (tensor_pass or elementwise):
+            raise ValueError(f"merge method {name!r}: statistics come with whole tensors only")
         params = _declared(name, per_model or {}, globals or {})
-        _REGISTRY[name] = MergeMethod(
-            name,
-            fn,
-            base,
-            {k: params[k].default for k in per_model or {}},
-            {k: params[k].default for k in globals or {}},
-            reference,
-            random,
-            min_models,
-            whole_model,
-            elementwise,
-            wants_name,
-            tensor_pass,
-            params,
+        register_method(
+            MergeMethod(
+                name,
+                fn,
+                base,
+                {k: params[k].default for k in per_model or {}},
+                {k: params[k].default for k in globals or {}},
+                reference,
+                random,
+                min_models,
+                whole_model,
+                elementwise,
+                wants_name,
+                tensor_pass,
+                params,
+                statistics,
+            )
         )
         return fn
 
@@ -195,7 +223,7 @@ def _declared(
     return params
 
 
-def get_method(name: str) -> MergeMethod:
+def get_method(name: str) -> MergeMethod | PipelineMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -206,5 +234,5 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-def all_methods() -> dict[str, MergeMethod]:
+def all_methods() -> dict[str, MergeMethod | PipelineMethod]:
     return dict(sorted(_REGISTRY.items()))
