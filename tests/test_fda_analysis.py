@@ -12,6 +12,7 @@ import torch
 from conftest import Family, run_cli
 from scipy.optimize import nnls
 
+from taskvec.bench import fda_rows
 from taskvec.fda import analysis
 from taskvec.fda.analysis import (
     AnalysisSettings,
@@ -245,7 +246,7 @@ def test_command_writes_the_files(
         asked.append((name, examples))
         return sources
 
-    monkeypatch.setattr(analysis, "benchmark_sources", fake_sources)
+    monkeypatch.setattr(fda_rows, "benchmark_sources", fake_sources)
     out = tmp_path / "out"
     args = ["fda", "analyze", "--anchors", anchor_dirs[0], "--anchors", anchor_dirs[1]]
     r = run_cli(
@@ -277,7 +278,7 @@ def test_command_writes_the_files(
 def test_command_rejects_a_folder_without_anchors(
     sources: Sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(analysis, "benchmark_sources", lambda *_: sources)
+    monkeypatch.setattr(fda_rows, "benchmark_sources", lambda *_: sources)
     r = run_cli("fda", "analyze", "--anchors", tmp_path, "--threads", "1", "-o", tmp_path / "o")
     assert r.exit_code == 1 and "not a taskvec anchor file" in r.output
     assert not (tmp_path / "o").exists()

@@ -113,6 +113,16 @@ def test_merge_and_fda_do_not_import_each_other() -> None:
         assert not [m for m in top if _is(m, f"taskvec.{name}")], name
 
 
+def test_the_fda_library_does_not_import_the_benchmark() -> None:
+    """bench builds on fda, never the reverse; only the ``taskvec fda`` command's glue reads
+    the benchmark's models and data."""
+    for path in sorted((SRC / "fda").glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        _, everywhere = _module_imports(path)
+        assert not [m for m in everywhere if _is(m, "taskvec.bench")], path.name
+
+
 def test_registering_every_method_stays_cheap() -> None:
     code = (
         "import sys, taskvec.methods, taskvec.merge\n"

@@ -27,8 +27,10 @@ from taskvec.bench.harness import Bench
 from taskvec.bench.results import summary_row
 from taskvec.bench.sweeps import SWEEPS, run_sweep
 from taskvec.fda.adapt import AdaptSettings
+from taskvec.fda.analysis import Sources
 from taskvec.fda.anchors import AnchorSet, AnchorSettings
 from taskvec.fda.pipeline import FDA, Start, anchor_file
+from taskvec.forward import load_tokenizer, tokenize
 
 PREFIX = "fda_"
 INITS = ("gauss", "weight")
@@ -200,3 +202,19 @@ def _settings() -> dict[str, Any]:
         "epochs": d.epochs,
         "batch": d.batch,
     }
+
+
+def benchmark_sources(name: str = "full", examples: int = 256) -> Sources:
+    """The benchmark's base, experts and the first ``examples`` training texts of each task
+    (class-balanced: the splits are ordered round-robin over the classes)."""
+    bench = Bench.open(name, progress=False, echo=lambda _: None)
+    built = bench.built
+    tok = load_tokenizer(built.base)
+    max_len = built.config.train.max_len
+    ids = {
+        t: tokenize(tok, built.data[t].split("train").head(examples).texts, max_len)
+        for t in bench.tasks
+    }
+    return Sources(
+        built.base, {t: built.experts[t].path for t in bench.tasks}, ids, int(tok.pad_token_id)
+    )

@@ -198,25 +198,6 @@ class Sources:
     pad_id: int
 
 
-def benchmark_sources(name: str = "full", examples: int = 256) -> Sources:
-    """The benchmark's base, experts and the first ``examples`` training texts of each task
-    (class-balanced: the splits are ordered round-robin over the classes)."""
-    from taskvec.bench.harness import Bench
-    from taskvec.forward import load_tokenizer, tokenize
-
-    bench = Bench.open(name, progress=False, echo=lambda _: None)
-    built = bench.built
-    tok = load_tokenizer(built.base)
-    max_len = built.config.train.max_len
-    ids = {
-        t: tokenize(tok, built.data[t].split("train").head(examples).texts, max_len)
-        for t in bench.tasks
-    }
-    return Sources(
-        built.base, {t: built.experts[t].path for t in bench.tasks}, ids, int(tok.pad_token_id)
-    )
-
-
 # --- the analysis ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AnalysisSettings:

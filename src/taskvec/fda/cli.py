@@ -330,12 +330,13 @@ def analyze(
 ) -> None:
     """Spectrum, alignment with real inputs over optimisation, and cone energy of the anchors
     (the FDA paper's three observations), against the benchmark's training data."""
+    from taskvec.bench import fda_rows  # the benchmark's models and data (CLI glue only)
     from taskvec.fda import analysis
     from taskvec.forward import set_threads
 
     set_threads(threads)
     settings = analysis.AnalysisSettings(rank, cone_batches, seed)
-    sources = analysis.benchmark_sources(benchmark, real_examples)
+    sources = fda_rows.benchmark_sources(benchmark, real_examples)
     result = analysis.analyze(
         sources, anchor_dirs, out, settings, blocks=blocks, device=device, echo=click.echo
     )
