@@ -354,6 +354,7 @@ COVERED = {
     "wudi",
     # golden tests in test_methods_statistics.py
     "regmean",
+    "regmean_plusplus",  # tests/test_regmean_plusplus.py
     "fisher",
     # whole-model pipeline methods: golden tests in test_fda.py and test_pipeline_methods.py
     "fda",

@@ -70,6 +70,7 @@ class InputModel(BaseModel):
     model: str
     parameters: ParametersField = {}
     statistics: str | None = None  # a `taskvec stats` folder, for methods that use statistics
+    data: str | None = None  # a data source (taskvec.data), for methods that run the models
 
 
 class SliceSource(BaseModel):

@@ -276,6 +276,9 @@ class _Planner:
 
     def check_parameters(self) -> None:
         m, cfg = self.method, self.cfg
+        for im in cfg.models or []:
+            if im.data is not None:  # not silently ignored
+                raise ConfigError(f"model {im.model!r}: {m.name} runs no data; drop `data:`")
         for key in cfg.parameters:
             m.check_parameter(key, "parameters")
         entries: list[tuple[str, Parameters, str]] = []

@@ -65,7 +65,7 @@ class StatsSettings:
     head: Head = "auto"
 
 
-class _GramCollector:
+class GramCollector:
     """Hook target accumulating Σ XᵀX (float64) and N per distinct Linear input."""
 
     def __init__(self, model: torch.nn.Module, names: dict[str, str]) -> None:
@@ -115,7 +115,7 @@ def gram_statistics(
 ) -> tuple[Tensors, dict[str, str]]:
     """(key → G = XᵀX/N, Linear weight checkpoint name → key) of ``model`` on ``texts``;
     ``names`` maps the model's parameter names to the checkpoint's."""
-    collect = _GramCollector(model, names)
+    collect = GramCollector(model, names)
     with linear_inputs(model, collect), torch.no_grad():
         for input_ids, mask in batches(tokenizer, texts, batch_size, max_length):
             collect.start_batch(mask)

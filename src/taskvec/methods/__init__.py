@@ -17,6 +17,7 @@ from taskvec.methods import (  # noqa: F401
     pcb,
     ram,
     regmean,
+    regmean_plusplus,
     sce,
     spectral,
     ties_family,

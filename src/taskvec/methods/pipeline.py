@@ -68,6 +68,7 @@ class PipelineMethod:
     params: dict[str, Param] = field(default_factory=dict)
     base: BaseUse = "required"
     min_models: int = 1
+    uses_data: bool = False  # each model names its data (`data:`), on which the method runs it
 
     @property
     def formula(self) -> str:
@@ -96,6 +97,10 @@ class PipelineMethod:
             raise ConfigError(
                 f"merge_method {name} takes its parameters at the top level, not per model"
             )
+        for m in cfg.models:
+            if (m.data is None) == self.uses_data:
+                need = "needs `data:` for" if self.uses_data else "runs no data: drop `data:` of"
+                raise ConfigError(f"merge_method {name} {need} model {m.model!r}")
         if len(cfg.models) < self.min_models:
             raise ConfigError(f"merge_method {name} needs at least {self.min_models} models")
         names = [Path(m.model).name for m in cfg.models]
@@ -104,14 +109,19 @@ class PipelineMethod:
                 f"{name} names each task after its model folder; two folders share a name"
             )
 
-        def where(ref: str) -> str:
-            path = Path(ref).expanduser()
-            if path.exists() or config_dir is None or path.is_absolute():
-                return str(path)
-            return str(config_dir / path)
-
+        where = _relative_to(config_dir)
         return where(cfg.base_model), {
             n: where(m.model) for n, m in zip(names, cfg.models, strict=True)
+        }
+
+    def data(self, cfg: MergeConfig, config_dir: Path | None) -> dict[str, str]:
+        """Each task's data source (its model's `data:`, a path relative to the config as a
+        model's is; a `module:function` stays as written), by task name."""
+        where = _relative_to(config_dir)
+        return {
+            Path(m.model).name: m.data if _is_callable(m.data) else where(m.data)
+            for m in cfg.models or []
+            if m.data is not None
         }
 
     def given(self, parameters: Mapping[str, ParameterValue]) -> dict[str, Any]:
@@ -137,6 +147,24 @@ class PipelineMethod:
                 raise ConfigError(f"{self.name}: {e}") from None
             out[key] = int(x) if p.kind == "number" and p.integer else x
         return out
+
+
+def _relative_to(config_dir: Path | None) -> Callable[[str], str]:
+    """A path as written when it exists from here, else relative to ``config_dir``."""
+
+    def where(ref: str) -> str:
+        path = Path(ref).expanduser()
+        if path.exists() or config_dir is None or path.is_absolute():
+            return str(path)
+        return str(config_dir / path)
+
+    return where
+
+
+def _is_callable(source: str) -> bool:
+    """``module:function`` (not ``file.jsonl:column``, whose part before ``:`` has a suffix)."""
+    head, sep, _ = source.partition(":")
+    return bool(sep) and not Path(head).suffix and not Path(head).exists()
 
 
 @dataclass
