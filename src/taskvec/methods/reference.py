@@ -68,6 +68,11 @@ VERSUS: dict[str, tuple[str, str]] = {
         "not in mergekit",
         "α = 0.95 as FusionBench (the paper: 0.9); a linear solve where the code inverts",
     ),
+    "regmean_plusplus": (
+        "not in mergekit",
+        "block-sequential as FusionBench's regmean_plusplus; tensors outside the blocks are "
+        "averaged; α = 0.95",
+    ),
     "fisher": (
         "not in mergekit",
         "the paper's formula; its code also divides λᵢ by ‖Fᵢ‖ (`normalize: true`, as "
