@@ -776,3 +776,51 @@ def test_fda_rows_and_cost_curve_on_the_toy_bench(
     table = out.with_suffix(".md").read_text()
     assert "| fda_ta_weight |" in table and "construction steps" in table
     assert (tmp_path / "fda-fda-cost.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_regmean_and_fisher_rows_on_the_toy_bench(
+    toy_bench: Bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from taskvec.bench import data_rows
+    from taskvec.bench.encoder import pooled
+    from taskvec.forward import load_model
+
+    monkeypatch.setattr(data_rows, "EXAMPLES", 6)
+    out = tmp_path / "data.json"
+    data = run_suite(
+        toy_bench, out, sweeps=[], negation=False, specials=("regmean", "fisher"), echo=print
+    )
+    saved = json.loads(out.read_text())["merges"]
+    for label, key in (("regmean", "alpha"), ("fisher", "normalize")):
+        row = saved[label]
+        assert row == data["merges"][label] and row["method"] == label
+        assert set(row["acc"]) == set(toy_bench.tasks) and 0 < row["normalized"] <= 2
+        assert row["parameters"][key] in data_rows.ROWS[label].grid[key]
+        assert set(row["selection"]["validation"]) == {
+            str(v) for v in data_rows.ROWS[label].grid[key]
+        }
+        assert set(row["cost"]["statistics_bytes"]) == set(toy_bench.tasks)
+        assert row["cost"]["peak_rss_gb"] > 0
+    assert "| regmean |" in out.with_suffix(".md").read_text()
+    # the cached Fisher of one expert against a plain re-derivation on its classifier:
+    # F = (1/N) Σₓ Σ_c p(c|x) (∂ log p(c|x) / ∂b)² for the last output bias b
+    built = toy_bench.built
+    task = toy_bench.tasks[0]
+    folder, cost = data_rows.expert_statistics(toy_bench, task, "fisher")
+    assert cost["examples"] == 6
+    encoder = load_model(built.experts[task].path, "base").float().eval()
+    head = built.heads[task]
+    bias = dict(encoder.named_parameters())["encoder.layer.1.output.dense.bias"]
+    tok = load_tokenizer(built.experts[task].path)
+    expected = torch.zeros_like(bias, dtype=torch.float64)
+    for text in built.data[task].split("train").head(6).texts:
+        ids, mask = collate(tokenize(tok, [text], built.config.train.max_len), tok.pad_token_id)
+        logp = torch.log_softmax(head.logits(pooled(encoder, ids, mask))[0], -1)
+        for c in range(logp.shape[0]):
+            (g,) = torch.autograd.grad(logp[c], bias, retain_graph=True)
+            expected += logp[c].exp().item() * g.double().square()
+    stats = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    got = next(v for k, v in stats.items() if k.endswith("layer.1.output.dense.bias"))
+    torch.testing.assert_close(got.double(), expected / 6, rtol=1e-4, atol=1e-10)

@@ -355,6 +355,7 @@ COVERED = {
     # golden tests in test_methods_statistics.py
     "regmean",
     "regmean_plusplus",  # tests/test_regmean_plusplus.py
+    "adamerging",  # tests/test_adamerging.py
     "fisher",
     # whole-model pipeline methods: golden tests in test_fda.py and test_pipeline_methods.py
     "fda",

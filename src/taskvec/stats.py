@@ -150,9 +150,12 @@ def fisher_statistics(
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
 
     def add(objective: torch.Tensor, weight: float, retain: bool) -> None:
-        grads = torch.autograd.grad(objective, list(params.values()), retain_graph=retain)
+        grads = torch.autograd.grad(
+            objective, list(params.values()), retain_graph=retain, allow_unused=True
+        )
         for n, g in zip(params, grads, strict=True):
-            acc[n] += weight * g.double().square()
+            if g is not None:  # a parameter the log-likelihood does not use has F = 0
+                acc[n] += weight * g.double().square()
 
     per_example = settings.fisher_variant == "example"
     size = 1 if per_example else settings.batch_size

@@ -3,6 +3,7 @@ and the whole-model pipeline ones (:mod:`taskvec.methods.pipeline`)."""
 
 # Importing a module registers its methods.
 from taskvec.methods import (  # noqa: F401
+    adamerging,
     arcee_fusion,
     consensus,
     emr,

@@ -68,6 +68,12 @@ VERSUS: dict[str, tuple[str, str]] = {
         "not in mergekit",
         "α = 0.95 as FusionBench (the paper: 0.9); a linear solve where the code inverts",
     ),
+    "adamerging": (
+        "not in mergekit",
+        "entropy loss, init 0.3, Adam lr 1e-3 as the paper; λ clamped to [0, 1] as the authors' "
+        "code (FusionBench: off); the gradient ⟨∂L/∂θ, τ⟩ streamed instead of T task vectors "
+        "in memory; layer groups from the numbered layers plus one for the rest",
+    ),
     "regmean_plusplus": (
         "not in mergekit",
         "block-sequential as FusionBench's regmean_plusplus; tensors outside the blocks are "

@@ -1,0 +1,143 @@
+"""AdaMerging (Yang et al., ICLR 2024, arXiv 2310.02575): merging coefficients learned by
+minimising the prediction entropy of the merged model on unlabelled inputs.
+
+θ(λ) = θ₀ + Σᵢ λᵢᵍ τᵢᵍ, one coefficient per task i and group g: task-wise one group, layer-wise
+one group per numbered layer (:class:`taskvec.layout.LayerLayout`) plus one for every tensor
+outside the layers (embeddings, pooler). The loss is Σₜ H(pₜ), the mean Shannon entropy of
+task t's predictions (its own head on the merged body) on a batch of its unlabelled inputs.
+λ starts at ``init`` (0.3) and follows Adam (lr 1e-3); with ``clamp`` it is kept in [0, 1]
+after each step, as the authors' code (EnnengYang/AdaMerging) does.
+
+The gradient needs no T task vectors in memory: ∂L/∂λᵢᵍ = Σ_{tensors w in g} ⟨∂L/∂θ_w, τᵢ_w⟩.
+Each step builds θ(λ) in the one model, back-propagates once to get ∂L/∂θ, then streams the
+task vectors tensor by tensor for the dot products, and streams them again to rebuild θ(λ).
+Memory: θ₀ + the model and its gradient (≈ 3 models of floats) + one tensor per task +
+activations of one batch; the task vectors are read from disk twice a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from taskvec.layout import LayerLayout
+
+Granularity = Literal["layer", "task"]
+VectorFn = Callable[[str], torch.Tensor]
+"""A task vector as a function: parameter name → τ of that parameter (read when called)."""
+
+
+@dataclass(frozen=True)
+class AdaSettings:
+    """The optimisation: granularity, steps, Adam's learning rate, initial λ, clamp to [0, 1]."""
+
+    granularity: Granularity = "layer"
+    steps: int = 500
+    lr: float = 1e-3
+    init: float = 0.3
+    clamp: bool = True
+
+
+@dataclass
+class AdaResult:
+    """Learned coefficients [tasks, groups], the group of each parameter, the merged parameters
+    and the loss before each step."""
+
+    coefficients: torch.Tensor
+    groups: dict[str, int]
+    merged: dict[str, torch.Tensor]
+    losses: list[float]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the Shannon entropy −Σ_c p_c log p_c of softmax(logits)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def groups_of(names: Iterable[str], granularity: Granularity) -> dict[str, int]:
+    """Coefficient group of each name: 0 for all (task-wise), or the layer index with every
+    tensor outside the layers in one last group (layer-wise)."""
+    names = list(names)
+    if granularity == "task":
+        return dict.fromkeys(names, 0)
+    layout = LayerLayout.infer(names)
+    return {
+        n: layer if (layer := layout.split(n)[0]) is not None else layout.num_layers for n in names
+    }
+
+
+def _rebuild(
+    params: Mapping[str, torch.nn.Parameter],
+    base: Mapping[str, torch.Tensor],
+    vectors: Sequence[VectorFn],
+    lam: torch.Tensor,
+    groups: Mapping[str, int],
+) -> None:
+    """Write θ(λ) = θ₀ + Σᵢ λᵢᵍ τᵢ into ``params``, one tensor (of each task) at a time."""
+    with torch.no_grad():
+        for name, p in params.items():
+            theta = base[name].float().clone()
+            for i, tau in enumerate(vectors):
+                theta += lam[i, groups[name]] * tau(name).float()
+            p.copy_(theta.to(p.dtype))
+
+
+def coefficient_grad(
+    params: Mapping[str, torch.nn.Parameter],
+    vectors: Sequence[VectorFn],
+    groups: Mapping[str, int],
+) -> torch.Tensor:
+    """∂L/∂λᵢᵍ = Σ_{w in g} ⟨∂L/∂θ_w, τᵢ_w⟩ from the gradients in ``params`` (streamed τ)."""
+    n_groups = max(groups.values(), default=-1) + 1
+    grad = torch.zeros(len(vectors), n_groups, dtype=torch.float64)
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        g = p.grad.float().flatten()
+        for i, tau in enumerate(vectors):
+            grad[i, groups[name]] += float(torch.dot(g, tau(name).float().flatten()))
+    return grad
+
+
+def adamerging(
+    model: torch.nn.Module,
+    base: Mapping[str, torch.Tensor],
+    vectors: Sequence[VectorFn],
+    loss: Callable[[int], torch.Tensor],
+    settings: AdaSettings = AdaSettings(),
+) -> AdaResult:
+    """Learn λ for the parameters of ``model`` named in ``base`` (θ₀ by parameter name; every
+    other parameter, such as a task's head, is left alone and not trained).
+
+    ``vectors[i](name)`` is task i's τ of parameter ``name``; ``loss(step)`` runs ``model``
+    (already holding θ(λ)) on the step's batches and returns the scalar loss, e.g.
+    Σₜ :func:`entropy` of task t's head on its batch.
+    """
+    params = {n: p for n, p in model.named_parameters() if n in base}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in base)
+    groups = groups_of(params, settings.granularity)
+    n_groups = max(groups.values(), default=-1) + 1
+    lam = torch.full((len(vectors), n_groups), settings.init, dtype=torch.float64)
+    lam.requires_grad_(True)
+    optimizer = torch.optim.Adam([lam], lr=settings.lr)
+    losses: list[float] = []
+    _rebuild(params, base, vectors, lam.detach(), groups)
+    for step in range(settings.steps):
+        model.zero_grad(set_to_none=True)
+        value = loss(step)
+        value.backward()
+        losses.append(float(value.detach()))
+        lam.grad = coefficient_grad(params, vectors, groups)
+        optimizer.step()
+        if settings.clamp:
+            with torch.no_grad():
+                lam.clamp_(0.0, 1.0)
+        _rebuild(params, base, vectors, lam.detach(), groups)
+    model.zero_grad(set_to_none=True)
+    merged = {n: p.detach().clone() for n, p in params.items()}
+    return AdaResult(lam.detach().clone(), groups, merged, losses)

@@ -1,0 +1,91 @@
+"""AdaMerging (:mod:`taskvec.adamerging`) on Hugging Face classification experts, as
+``merge_method: adamerging`` runs it: one classification model holds θ(λ); task t's head (the
+tensors the base lacks or whose shapes differ) is swapped in functionally for task t's loss."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taskvec.adamerging import AdaSettings, adamerging, entropy
+from taskvec.algebra import load_model as load_checkpoint_model
+from taskvec.data import open_data
+from taskvec.forward import batches, checkpoint_names, load_model, load_tokenizer, set_threads
+from taskvec.io.writer import DEFAULT_SHARD_SIZE
+
+MAX_EXAMPLES = 4096  # unlabelled inputs kept per task, cycled in shuffled batches
+
+
+def run_adamerging(
+    plan: Any,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+    **_: Any,
+) -> Path:
+    """Learn λ on the plan's data and write the merged body with ``adamerging.json``."""
+    opts = plan.options
+    set_threads(threads)
+    torch.manual_seed(opts["seed"])
+    base = load_checkpoint_model(plan.base)
+    experts = {t: load_checkpoint_model(p) for t, p in plan.experts.items()}
+    first = next(iter(plan.experts.values()))
+    body = load_model(first, "classification")
+    tokenizer = load_tokenizer(first)
+    shapes = {n: s.shape for n, s in base.specs.items()}
+    own = dict(body.named_parameters())
+    in_base = {
+        pn: cn
+        for pn, cn in checkpoint_names(body, shapes).items()
+        if tuple(own[pn].shape) == tuple(shapes[cn])
+    }
+    theta0 = {pn: base.tensor(cn) for pn, cn in in_base.items()}
+    vectors, heads, data = [], [], []
+    rng = random.Random(opts["seed"])
+    for task, model in experts.items():
+        names = checkpoint_names(body, model.specs)
+        vectors.append(lambda pn, m=model, n=names: m.tensor(n[pn]).float() - theta0[pn].float())
+        heads.append({pn: model.tensor(names[pn]) for pn in own if pn not in in_base})
+        texts = [e.text for e in open_data(plan.data[task]).examples(MAX_EXAMPLES)]
+        rng.shuffle(texts)
+        data.append(list(batches(tokenizer, texts, opts["batch_size"], opts["max_length"])))
+
+    def loss(step: int) -> torch.Tensor:
+        total = torch.zeros(())
+        for head, task_batches in zip(heads, data, strict=True):
+            ids, mask = task_batches[step % len(task_batches)]
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            total = total + entropy(torch.func.functional_call(body, head, (), kwargs).logits)
+        return total
+
+    settings = AdaSettings(
+        opts["granularity"], opts["steps"], opts["lr"], opts["init"], opts["clamp"]
+    )
+    result = adamerging(body, theta0, vectors, loss, settings)
+    merged = {cn: result.merged[pn].to(base.specs[cn].dtype) for pn, cn in in_base.items()}
+    record = {
+        "tasks": list(experts),
+        "granularity": settings.granularity,
+        "groups": result.groups,
+        "coefficients": result.coefficients.tolist(),
+        "losses": result.losses,
+        "settings": opts,
+    }
+    return base.patched(merged)._save(
+        out,
+        dtype=None,
+        shard_size=DEFAULT_SHARD_SIZE,
+        overwrite=overwrite,
+        threads=threads,
+        progress=progress,
+        metadata={},
+        side_files=base.primary.side_files(),
+        config=base.primary.config,
+        description="adamerging",
+        records={"adamerging.json": record},
+    )
