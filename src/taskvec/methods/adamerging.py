@@ -4,14 +4,12 @@ experts whose heads stay per task."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from taskvec.config import MergeConfig
-from taskvec.errors import TaskvecError
 from taskvec.methods.params import Param
-from taskvec.methods.pipeline import PipelineMethod, PipelinePlan
+from taskvec.methods.pipeline import PipelineMethod, PipelinePlan, plan_with_data
 from taskvec.methods.registry import register_method
 
 DOC = """θ(λ) = θ₀ + Σᵢ λᵢˡ τᵢˡ, λ minimising the prediction entropy on unlabelled inputs
@@ -24,49 +22,19 @@ are not merged; the output is the merged body and the base's tensors. ∂L/∂λ
 with the task vectors streamed: memory ≈ 3 models + one tensor per task + activations."""
 
 
-@dataclass
-class AdaPlan:
-    """A validated ``merge_method: adamerging`` config."""
+def _no_head(folder: str, config: dict[str, Any]) -> str | None:
+    from taskvec.forward import head_of
 
-    base: str
-    experts: dict[str, str]
-    data: dict[str, str]
-    options: dict[str, Any]
-    problems: list[str] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        return [
-            f"base: {self.base}",
-            *(f"task {t}: {self.experts[t]} on {self.data[t]}" for t in self.experts),
-            "settings: " + ", ".join(f"{k}={v}" for k, v in self.options.items()),
-        ]
+    if head_of(config) == "classification":
+        return None
+    return (
+        f"{folder}: adamerging needs a classification head (the entropy of its predictions); "
+        "its config names none"
+    )
 
 
 def _plan(cfg: MergeConfig, config_dir: Path | None, seed: int | None) -> PipelinePlan:
-    from taskvec.data import open_data
-    from taskvec.forward import head_of, model_config
-
-    base, experts = ADAMERGING.inputs(cfg, config_dir)
-    options = {k: p.default for k, p in ADAMERGING.params.items()}
-    options |= ADAMERGING.checked(ADAMERGING.given(cfg.parameters), len(experts))
-    plan = AdaPlan(base, experts, ADAMERGING.data(cfg, config_dir), options)
-    for role, folder in (("base", base), *(("task", f) for f in experts.values())):
-        try:
-            config = model_config(folder)
-        except TaskvecError as e:
-            plan.problems.append(str(e))
-            continue
-        if role == "task" and head_of(config) != "classification":
-            plan.problems.append(
-                f"{folder}: adamerging needs a classification head (the entropy of its"
-                " predictions); its config names none"
-            )
-    for task, source in plan.data.items():
-        try:
-            open_data(source).examples(1)
-        except TaskvecError as e:
-            plan.problems.append(f"task {task}: {e}")
-    return plan
+    return plan_with_data(ADAMERGING, cfg, config_dir, _no_head)
 
 
 def _run(plan: Any, out: Path, **options: Any) -> Path:

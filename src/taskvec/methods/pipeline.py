@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from taskvec.config import MergeConfig, ParameterValue
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, TaskvecError
 from taskvec.methods.params import Param
 from taskvec.methods.registry import BaseUse
 
@@ -147,6 +147,57 @@ class PipelineMethod:
                 raise ConfigError(f"{self.name}: {e}") from None
             out[key] = int(x) if p.kind == "number" and p.integer else x
         return out
+
+
+@dataclass
+class DataPlan:
+    """A validated config of a pipeline method that runs its models on each task's data."""
+
+    base: str
+    experts: dict[str, str]
+    data: dict[str, str]
+    options: dict[str, Any]
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"base: {self.base}",
+            *(f"task {t}: {self.experts[t]} on {self.data[t]}" for t in self.experts),
+            "settings: " + ", ".join(f"{k}={v}" for k, v in self.options.items()),
+        ]
+
+
+def plan_with_data(
+    method: PipelineMethod,
+    cfg: MergeConfig,
+    config_dir: Path | None,
+    expert_problem: Callable[[str, dict[str, Any]], str | None] = lambda *_: None,
+) -> DataPlan:
+    """The plan of a method with ``uses_data``: its inputs, its parameters (defaults filled
+    in), every model's config read and each data source's first example read, from headers
+    and files only; ``expert_problem(folder, config)`` adds a method's own check of an
+    expert."""
+    from taskvec.data import open_data
+    from taskvec.forward import model_config
+
+    base, experts = method.inputs(cfg, config_dir)
+    options = {k: p.default for k, p in method.params.items()}
+    options |= method.checked(method.given(cfg.parameters), len(experts))
+    plan = DataPlan(base, experts, method.data(cfg, config_dir), options)
+    for is_expert, folder in ((False, base), *((True, f) for f in experts.values())):
+        try:
+            config = model_config(folder)
+        except TaskvecError as e:
+            plan.problems.append(str(e))
+            continue
+        if is_expert and (problem := expert_problem(folder, config)) is not None:
+            plan.problems.append(problem)
+    for task, source in plan.data.items():
+        try:
+            open_data(source).examples(1)
+        except TaskvecError as e:
+            plan.problems.append(f"task {task}: {e}")
+    return plan
 
 
 def _relative_to(config_dir: Path | None) -> Callable[[str], str]:

@@ -4,14 +4,12 @@ config uses it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from taskvec.config import MergeConfig
-from taskvec.errors import TaskvecError
 from taskvec.methods.params import Param
-from taskvec.methods.pipeline import PipelineMethod, PipelinePlan
+from taskvec.methods.pipeline import PipelineMethod, PipelinePlan, plan_with_data
 from taskvec.methods.registry import register_method
 
 DOC = """W⁽ˡ⁾ = (Σᵢ G̃ᵢ⁽ˡ⁾)⁻¹ Σᵢ G̃ᵢ⁽ˡ⁾ Wᵢ⁽ˡ⁾ᵀ, with Gᵢ⁽ˡ⁾ from block l's inputs in the merged model
@@ -24,43 +22,8 @@ Gᵢ of its Linear inputs (padding excluded, q/k/v counted once). Each model nam
 `examples` of each are used. Memory: every model, plus each task's hidden states."""
 
 
-@dataclass
-class PlusPlusPlan:
-    """A validated ``merge_method: regmean_plusplus`` config."""
-
-    base: str
-    experts: dict[str, str]
-    data: dict[str, str]
-    options: dict[str, Any]
-    problems: list[str] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        return [
-            f"base: {self.base}",
-            *(f"task {t}: {self.experts[t]} on {self.data[t]}" for t in self.experts),
-            "settings: " + ", ".join(f"{k}={v}" for k, v in self.options.items()),
-        ]
-
-
 def _plan(cfg: MergeConfig, config_dir: Path | None, seed: int | None) -> PipelinePlan:
-    from taskvec.data import open_data
-    from taskvec.forward import model_config
-
-    base, experts = REGMEAN_PLUSPLUS.inputs(cfg, config_dir)
-    options = {k: p.default for k, p in REGMEAN_PLUSPLUS.params.items()}
-    options |= REGMEAN_PLUSPLUS.checked(REGMEAN_PLUSPLUS.given(cfg.parameters), len(experts))
-    plan = PlusPlusPlan(base, experts, REGMEAN_PLUSPLUS.data(cfg, config_dir), options)
-    for folder in (base, *experts.values()):
-        try:
-            model_config(folder)
-        except TaskvecError as e:
-            plan.problems.append(str(e))
-    for task, source in plan.data.items():
-        try:
-            open_data(source).examples(1)
-        except TaskvecError as e:
-            plan.problems.append(f"task {task}: {e}")
-    return plan
+    return plan_with_data(REGMEAN_PLUSPLUS, cfg, config_dir)
 
 
 def _run(plan: Any, out: Path, **options: Any) -> Path:
