@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import Family, load_folder, run_cli
+from safetensors.torch import load_file
 from test_forward_stats import TEXTS, add_tokenizer
 from test_foundation_errors import one_error_line
 
@@ -171,6 +172,13 @@ def test_zero_steps_from_a_config_is_task_arithmetic(experts, tmp_path):
         torch.testing.assert_close(got[name], want, rtol=1e-6, atol=1e-6)
     record = json.loads((tmp_path / "out" / "adamerging.json").read_text())
     assert record["tasks"] == ["t0", "t1"] and record["coefficients"] == [[0.3], [0.3]]
+    for task, ft in zip(("t0", "t1"), fts, strict=True):  # each task's head, as its expert's
+        head = load_file(tmp_path / "out" / "heads" / f"{task}.safetensors")
+        assert set(head) == {"classifier.weight", "classifier.bias"}
+        for name, t in head.items():
+            torch.testing.assert_close(t, ft[name], rtol=0, atol=0)
+    manifest = json.loads((tmp_path / "out" / "taskvec-manifest.json").read_text())
+    assert manifest["producer"]["coefficients"] == {"t0": [0.3], "t1": [0.3]}
     assert run_cli("verify", tmp_path / "out").exit_code == 0
 
 

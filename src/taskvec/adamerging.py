@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from taskvec.layout import LayerLayout
 
@@ -80,10 +81,12 @@ def _rebuild(
     """Write θ(λ) = θ₀ + Σᵢ λᵢᵍ τᵢ into ``params``, one tensor (of each task) at a time."""
     with torch.no_grad():
         for name, p in params.items():
-            theta = base[name].float().clone()
+            theta = p if p.dtype == torch.float32 else torch.empty(p.shape)
+            theta.copy_(base[name])
             for i, tau in enumerate(vectors):
-                theta += lam[i, groups[name]] * tau(name).float()
-            p.copy_(theta.to(p.dtype))
+                theta.add_(tau(name), alpha=float(lam[i, groups[name]]))
+            if theta is not p:
+                p.copy_(theta)
 
 
 def coefficient_grad(
@@ -109,6 +112,8 @@ def adamerging(
     vectors: Sequence[VectorFn],
     loss: Callable[[int], torch.Tensor],
     settings: AdaSettings = AdaSettings(),
+    *,
+    progress: bool = False,
 ) -> AdaResult:
     """Learn λ for the parameters of ``model`` named in ``base`` (θ₀ by parameter name; every
     other parameter, such as a task's head, is left alone and not trained).
@@ -127,11 +132,13 @@ def adamerging(
     optimizer = torch.optim.Adam([lam], lr=settings.lr)
     losses: list[float] = []
     _rebuild(params, base, vectors, lam.detach(), groups)
-    for step in range(settings.steps):
+    bar = tqdm(range(settings.steps), desc="adamerging", unit="step", disable=not progress)
+    for step in bar:
         model.zero_grad(set_to_none=True)
         value = loss(step)
         value.backward()
         losses.append(float(value.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         lam.grad = coefficient_grad(params, vectors, groups)
         optimizer.step()
         if settings.clamp:

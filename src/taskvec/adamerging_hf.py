@@ -9,12 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from taskvec.adamerging import AdaSettings, adamerging, entropy
 from taskvec.algebra import load_model as load_checkpoint_model
 from taskvec.data import open_data
-from taskvec.forward import batches, checkpoint_names, load_model, load_tokenizer, set_threads
-from taskvec.io.writer import DEFAULT_SHARD_SIZE
+from taskvec.forward import (
+    checkpoint_names,
+    length_batches,
+    load_model,
+    load_tokenizer,
+    set_threads,
+)
 
 MAX_EXAMPLES = 4096  # unlabelled inputs kept per task, cycled in shuffled batches
 
@@ -28,7 +34,9 @@ def run_adamerging(
     progress: bool = True,
     **_: Any,
 ) -> Path:
-    """Learn λ on the plan's data and write the merged body with ``adamerging.json``."""
+    """Learn λ on the plan's data and write the merged body with ``adamerging.json`` (λ, the
+    loss of every step) and each task's head as ``heads/<task>.safetensors`` (its expert's
+    tensor names: load it into a classification model with ``strict=False``)."""
     opts = plan.options
     set_threads(threads)
     torch.manual_seed(opts["seed"])
@@ -45,15 +53,14 @@ def run_adamerging(
         if tuple(own[pn].shape) == tuple(shapes[cn])
     }
     theta0 = {pn: base.tensor(cn) for pn, cn in in_base.items()}
-    vectors, heads, data = [], [], []
+    vectors, heads, data, names_of = [], [], [], {}
     rng = random.Random(opts["seed"])
     for task, model in experts.items():
-        names = checkpoint_names(body, model.specs)
+        names = names_of[task] = checkpoint_names(body, model.specs)
         vectors.append(lambda pn, m=model, n=names: m.tensor(n[pn]).float() - theta0[pn].float())
         heads.append({pn: model.tensor(names[pn]) for pn in own if pn not in in_base})
         texts = [e.text for e in open_data(plan.data[task]).examples(MAX_EXAMPLES)]
-        rng.shuffle(texts)
-        data.append(list(batches(tokenizer, texts, opts["batch_size"], opts["max_length"])))
+        data.append(length_batches(tokenizer, texts, opts["batch_size"], opts["max_length"], rng))
 
     def loss(step: int) -> torch.Tensor:
         total = torch.zeros(())
@@ -66,7 +73,7 @@ def run_adamerging(
     settings = AdaSettings(
         opts["granularity"], opts["steps"], opts["lr"], opts["init"], opts["clamp"]
     )
-    result = adamerging(body, theta0, vectors, loss, settings)
+    result = adamerging(body, theta0, vectors, loss, settings, progress=progress)
     merged = {cn: result.merged[pn].to(base.specs[cn].dtype) for pn, cn in in_base.items()}
     record = {
         "tasks": list(experts),
@@ -76,16 +83,21 @@ def run_adamerging(
         "losses": result.losses,
         "settings": opts,
     }
-    return base.patched(merged)._save(
+    head_files = {
+        f"heads/{task}.safetensors": safetensors_bytes(
+            {names_of[task][pn]: t.contiguous() for pn, t in head.items()}
+        )
+        for (task, head) in zip(experts, heads, strict=True)
+    }
+    return base.patched(merged).save(
         out,
-        dtype=None,
-        shard_size=DEFAULT_SHARD_SIZE,
         overwrite=overwrite,
         threads=threads,
         progress=progress,
-        metadata={},
-        side_files=base.primary.side_files(),
-        config=base.primary.config,
-        description="adamerging",
-        records={"adamerging.json": record},
+        records={"adamerging.json": record, **head_files},
+        provenance={
+            "method": "adamerging",
+            "granularity": settings.granularity,
+            "coefficients": dict(zip(experts, result.coefficients.tolist(), strict=True)),
+        },
     )

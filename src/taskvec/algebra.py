@@ -182,9 +182,11 @@ class _Expr:
         config: dict[str, Any] | None,
         description: str,
         card: Callable[[], str] | None = None,
-        records: Mapping[str, dict[str, Any]] | None = None,
+        records: Mapping[str, dict[str, Any] | bytes] | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Evaluate and write the output; ``records`` are JSON files written into it."""
+        """Evaluate and write the output; ``records`` are files written into it (a dict as
+        JSON, bytes as they are), ``provenance`` extra keys of the manifest's producer."""
         want = parse_dtype(dtype)
         jobs = self._jobs(want)
         n_threads = threads or default_threads()
@@ -201,6 +203,7 @@ class _Expr:
                 "operation": description,
                 "expression": repr(self),
                 "inputs": describe_inputs(_unique(self._leaves()), n_threads),
+                **(provenance or {}),
             },
         )
         with writer:
@@ -211,7 +214,10 @@ class _Expr:
             if config is not None:
                 writer.add_json("config.json", config)
             for name, record in (records or {}).items():
-                writer.add_json(name, record)
+                if isinstance(record, bytes):
+                    writer.add_bytes(name, record)
+                else:
+                    writer.add_json(name, record)
             return writer.commit()
 
 
@@ -279,13 +285,17 @@ class Model(_Expr):
         overwrite: bool = False,
         threads: int | None = None,
         progress: bool = True,
+        records: Mapping[str, dict[str, Any] | bytes] | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> Path:
         """Evaluate tensor by tensor and write a ``save_pretrained``-style folder atomically.
 
         The side files of :attr:`primary` (config, tokenizer, remote code...: see
         :mod:`taskvec.io.side_files`) are copied alongside, with the config's dtype updated
         when ``dtype`` is given, and a model card (``README.md``) names the expression and its
-        inputs.
+        inputs. ``records`` are extra files of the output (a dict is written as JSON, bytes as
+        they are; ``/`` makes folders), e.g. a method's learned coefficients; ``provenance``
+        adds keys to what ``taskvec-manifest.json`` says produced the output.
         """
         config = self.primary.config
         want = parse_dtype(dtype)
@@ -301,6 +311,8 @@ class Model(_Expr):
             config=None if config is None else with_dtype(config, want),
             description="saving model",
             card=lambda: self._card(Path(path).name),
+            records=records,
+            provenance=provenance,
         )
 
     def _card(self, title: str) -> str:

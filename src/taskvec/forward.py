@@ -11,6 +11,7 @@ Transformers is imported lazily, so importing this module (and the ``taskvec`` C
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,6 +151,26 @@ def batches(
     pad = int(tokenizer.pad_token_id)
     for first in range(0, len(texts), batch_size):
         yield collate(tokenize(tokenizer, texts[first : first + batch_size], max_len), pad)
+
+
+def length_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    max_len: int,
+    rng: random.Random,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of texts of similar length (sorted by token count, so little padding), in an
+    order shuffled by ``rng``: every text once per pass, as in length-bucketed training."""
+    ids = tokenize(tokenizer, texts, max_len)
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    pad = int(tokenizer.pad_token_id)
+    out = [
+        collate([ids[i] for i in order[k : k + batch_size]], pad)
+        for k in range(0, len(order), batch_size)
+    ]
+    rng.shuffle(out)
+    return out
 
 
 def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

@@ -11,8 +11,8 @@ Each expert's statistics are computed with the library (:mod:`taskvec.stats`) on
 
 Statistics are cached like experts (``<cache>/statistics/<task>-<kind>-<expert hash>``). The
 merges run through the ordinary YAML ``statistics:`` key; the one parameter (RegMean α, Fisher
-``normalize``) is chosen on validation, test is scored once. ``adamerging`` gets a row here once
-the method exists (see :data:`ROWS`).
+``normalize``) is chosen on validation, test is scored once. AdaMerging's rows, which learn
+their coefficients instead, are in :mod:`taskvec.bench.adamerging_rows`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ ROWS = {
     for r in (
         DataRow("regmean", "regmean", "gram", {"alpha": (0.9, 0.95)}),
         DataRow("fisher", "fisher", "fisher", {"normalize": (False, True)}),
-        # adamerging (unlabelled test inputs only, as the paper): its row goes here
     )
 }
 

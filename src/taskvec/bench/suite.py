@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from taskvec.bench.adamerging_rows import LABELS as ADAMERGING_LABELS
+from taskvec.bench.adamerging_rows import run_adamerging_row
 from taskvec.bench.data_rows import ROWS as DATA_ROWS
 from taskvec.bench.data_rows import run_data_row
 from taskvec.bench.emr_row import LABEL as EMR_LABEL
@@ -38,6 +40,10 @@ from taskvec.errors import TaskvecError
 SPECIALS: dict[str, str] = {
     EMR_LABEL: "EMR-merging: each task scored with its own modulated model",
     **{label: f"{r.method} on per-expert {r.kind} statistics" for label, r in DATA_ROWS.items()},
+    **{
+        label: f"adamerging {g}-wise, entropy on unlabelled test inputs"
+        for label, g in ADAMERGING_LABELS.items()
+    },
     **{label: FdaRow.parse(label).describe() for label in FDA_LABELS},
     FDA_CURVE: "FDA from θ0: test score vs construction steps",
 }
@@ -111,6 +117,8 @@ def run_suite(
             merges[label] = run_emr(bench, echo=echo)
         elif label in DATA_ROWS:
             merges[label] = run_data_row(bench, label, echo=echo)
+        elif label in ADAMERGING_LABELS:
+            merges[label] = run_adamerging_row(bench, label, echo=echo)
         elif label == FDA_CURVE and fda is not None:
             curve = fda.cost_curve()
         elif fda is not None:

@@ -379,9 +379,18 @@ class CheckpointWriter:
 
     def add_text(self, name: str, text: str) -> None:
         """Write ``text`` (UTF-8) as the output file ``name``, fsynced."""
+        self.add_bytes(name, text.encode("utf-8"))
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """Write ``data`` as the output file ``name`` (``/``-separated, folders created),
+        fsynced."""
         path = self._tmp / name
-        path.write_text(text, encoding="utf-8")
+        if path.parent != self._tmp:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
         fsync_path(path)
+        if path.parent != self._tmp:
+            fsync_path(path.parent)
 
     def add_files(self, files: Mapping[str, Path]) -> None:
         """Copy each file to its relative path (``/``-separated, folders created) in the
