@@ -19,7 +19,6 @@ raised by :func:`open_data` before any model is loaded.
 from __future__ import annotations
 
 import csv
-import importlib
 import itertools
 import json
 import os
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taskvec.callables import import_callable
 from taskvec.errors import ConfigError
 
 DEFAULT_COLUMN = "text"
@@ -196,14 +196,7 @@ def _datasets_folder(path: Path, column: str, label: str | None) -> TextData:
 
 
 def _callable_data(spec: str, column: str, label: str | None) -> TextData:
-    module_name, _, function = spec.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise DataError(f"{spec}: cannot import {module_name} ({e})") from None
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise DataError(f"{spec}: {module_name} has no function {function!r}")
+    fn = import_callable(spec, DataError)
 
     def rows() -> Iterable[Any]:
         got = fn()

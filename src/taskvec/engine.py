@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +35,7 @@ from taskvec.allocator import keep_freed_memory
 from taskvec.blas import blas_threads
 from taskvec.errors import NumericError
 from taskvec.io.dtypes import computable, dtype_name
-from taskvec.io.writer import CheckpointWriter, PlannedTensor
+from taskvec.io.writer import PlannedTensor
 
 log = logging.getLogger("taskvec")
 T = TypeVar("T")
@@ -49,6 +49,13 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 JobResult = torch.Tensor | Iterator[tuple[int, torch.Tensor]]
+
+
+class TensorSink(Protocol):
+    """Where results go: a :class:`~taskvec.io.writer.CheckpointWriter` (a folder on disk) or
+    a :class:`~taskvec.io.memory_sink.MemorySink` (a dict in memory)."""
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -259,7 +266,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 def execute(
     jobs: Sequence[Job],
-    writer: CheckpointWriter,
+    writer: TensorSink,
     *,
     threads: int = 1,
     progress: bool = True,

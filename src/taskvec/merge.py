@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -46,6 +46,7 @@ from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, Task
 from taskvec.io.checkpoint import Checkpoint, TensorInfo, check_not_an_input, open_checkpoint
 from taskvec.io.dtypes import computable, dtype_name, parse_dtype
 from taskvec.io.manifest import describe_inputs
+from taskvec.io.memory_sink import MemorySink
 from taskvec.io.statistics import Statistics, open_statistics
 from taskvec.io.writer import (
     DEFAULT_SHARD_SIZE,
@@ -203,6 +204,12 @@ class _Planner:
     # --- inputs ----------------------------------------------------------------------------
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
+            from taskvec.references import open_reference  # store:NAME, model+adapter
+
+            if (special := open_reference(ref, self._local)) is not None:
+                self.opened[ref] = special
+                self._open[ref] = self._as_model(ref, special)
+                return self._open[ref]
             if "+" in ref and not Path(ref).exists():
                 raise ConfigError(
                     f"model {ref!r}: LoRA references (model+lora) are not supported yet"
@@ -1069,6 +1076,33 @@ def merge(
         writer.commit()
     log.info("merged %s tensors into %s", len(planned_tensors(plan.jobs)), out_path)
     return plan
+
+
+class MergedTensors(NamedTuple):
+    """A merge held in memory: its tensors by name, and the folder whose config and
+    tokenizer describe them (the reference model a saved merge would copy them from)."""
+
+    tensors: dict[str, torch.Tensor]
+    reference: Path
+
+
+def merge_tensors(
+    config: str | os.PathLike[str] | dict[str, Any] | MergeConfig,
+    *,
+    threads: int | None = None,
+    random_seed: int | None = None,
+) -> MergedTensors:
+    """Plan and run a per-tensor merge into memory, nothing written (the inputs are read
+    through the page cache, so merging the same inputs again, as a coefficient search does,
+    reads no disk). Whole-model pipeline methods are refused."""
+    plan = plan_merge(config, random_seed=random_seed)  # a pipeline method: one line
+    if plan.problems:
+        raise IncompatibleError(plan.problems[0])
+    n_threads = threads or default_threads()
+    sink = MemorySink(planned_tensors(plan.jobs))
+    plan.prepare(n_threads, progress=False)
+    execute(plan.jobs, sink, threads=n_threads, progress=False, description="merging")
+    return MergedTensors(sink.tensors, plan.reference.root)
 
 
 def _run_pipeline(

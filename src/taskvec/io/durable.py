@@ -100,3 +100,16 @@ def make_parents(path: Path) -> list[Path]:
             continue
         made.append(folder)
     return made
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Replace (or create) the file ``path`` with ``data`` in one rename: a reader sees the
+    old file or the whole new one, never a part; fsynced."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
