@@ -423,5 +423,36 @@ def _register_optional_commands() -> None:
 
 _register_optional_commands()
 
+
+def _register_search_command() -> None:
+    """Coefficient search (``taskvec search``), which lives with its feature."""
+    from taskvec.search.cli import search_cmd
+
+    main.add_command(search_cmd)
+
+
+_register_search_command()
+
+
+def _register_store_commands() -> None:
+    """The task-vector store (``taskvec store ...``) and LoRA extraction."""
+    from taskvec.store.cli import extract_lora_cmd, store
+
+    main.add_command(store)
+    main.add_command(extract_lora_cmd)
+
+
+_register_store_commands()
+
+
+def _register_analyze_command() -> None:
+    """The task-vector analysis report (``taskvec analyze``)."""
+    from taskvec.analyze.cli import analyze_cmd
+
+    main.add_command(analyze_cmd)
+
+
+_register_analyze_command()
+
 if __name__ == "__main__":
     main()

@@ -10,8 +10,9 @@ An objective is named by a string, so a worker process (a Ray actor) can build i
   (:func:`taskvec.data.open_data`: a datasets folder, ``file.jsonl:column``, ...); the merged
   tensors go into the model class its reference folder's config names.
 - ``<module>:<function>``: ``function(candidate)`` returns a float, or a dict of floats (the
-  main one under ``score``); ``candidate`` is a :class:`Candidate`. If the function takes a
-  ``split`` keyword it is called once more with ``split="test"`` for the best point.
+  main one under ``score``, else their mean); ``candidate`` is a :class:`Candidate`. If the
+  function takes a ``split`` keyword it is called once more with ``split="test"`` for the best
+  point. For ``per_task`` it names its metrics: ``function.metrics = ("a", "b")``.
 
 A search maximises :attr:`Scores.score`; with ``per_task`` it maximises every metric at once
 (a Pareto front).
@@ -161,6 +162,7 @@ class CallableObjective(Objective):
     def __init__(self, spec: str) -> None:
         self.spec = spec
         self.fn: Callable[..., Any] = import_callable(spec, ObjectiveError)
+        self.metrics = tuple(getattr(self.fn, "metrics", ()))
         try:
             self.takes_split = "split" in inspect.signature(self.fn).parameters
         except (TypeError, ValueError):

@@ -41,7 +41,10 @@ def run_search(
     worker = prepare(config, settings)  # every check that needs no trial
     metrics = list(worker.objective.metrics) if settings.per_task else ["score"]
     if settings.per_task and len(metrics) < 2:
-        raise ConfigError(f"objective {settings.objective} has no per-task scores: drop --per-task")
+        raise ConfigError(
+            f"objective {settings.objective} names no per-task scores (a callable declares them "
+            "as function.metrics = (...)): drop --per-task"
+        )
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if settings.strategy == "gradient":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -112,6 +113,25 @@ def _grid(space: SearchSpace, points: int) -> dict[str, list[Any]]:
     return grid
 
 
+def grid_size(settings: SearchSettings, space: SearchSpace) -> int | None:
+    """How many points the grid strategy has (None for the other strategies)."""
+    if settings.strategy != "grid":
+        return None
+    return math.prod(len(v) for v in _grid(space, settings.grid_points).values())
+
+
+def _ask_tell_grid(grid: dict[str, list[Any]], seed: int) -> Any:
+    """Optuna's GridSampler, minus its ``study.stop()`` once the grid is covered (which only
+    works inside ``study.optimize``): the search stops there itself (:func:`grid_size`)."""
+    import optuna
+
+    class AskTellGrid(optuna.samplers.GridSampler):
+        def after_trial(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    return AskTellGrid(grid, seed=seed)
+
+
 def make_sampler(settings: SearchSettings, space: SearchSpace) -> Any:
     import optuna
 
@@ -121,7 +141,7 @@ def make_sampler(settings: SearchSettings, space: SearchSpace) -> Any:
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "grid": lambda: optuna.samplers.GridSampler(_grid(space, settings.grid_points), seed=seed),
+        "grid": lambda: _ask_tell_grid(_grid(space, settings.grid_points), seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[settings.strategy]()
 
@@ -231,15 +251,18 @@ def run_trials(
         for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,))
     }
     done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL)))
-    bar = tqdm(
-        total=settings.trials, initial=done, desc="search", unit="trial", disable=not progress
-    )
+    budget = settings.trials
+    points = grid_size(settings, space)
+    if points is not None and points < budget:
+        echo(f"the grid has {points} points: {points} trials, not {budget}")
+        budget = points
+    bar = tqdm(total=budget, initial=done, desc="search", unit="trial", disable=not progress)
     start = time.perf_counter()
     running: dict[int, tuple[Any, dict[str, Any]]] = {}
     asked = done
     try:
-        while done < settings.trials:
-            while asked < settings.trials and len(running) < pool.size:
+        while done < budget:
+            while asked < budget and len(running) < pool.size:
                 trial = study.ask()
                 values = suggest(trial, space)
                 asked += 1

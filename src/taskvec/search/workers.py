@@ -10,6 +10,7 @@ GPU when the cluster has them.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from taskvec.search.objectives import Candidate, make_objective
 from taskvec.search.space import search_space
 
 log = logging.getLogger("taskvec")
+
+OBJECT_STORE_BYTES = 128 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,13 @@ class RayPool:
         except ImportError:  # pragma: no cover - ray is a dependency
             raise SearchError("several workers need Ray: pip install ray") from None
         self.ray = ray
+        if address is not None:
+            check_reachable(address)
+        local = {
+            "num_cpus": max(workers * spec.threads, 1),
+            "object_store_memory": OBJECT_STORE_BYTES,  # only coefficients and scores travel
+            "_node_ip_address": "127.0.0.1",
+        }
         try:
             ray.init(
                 address=address,
@@ -115,7 +125,7 @@ class RayPool:
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
-                **({} if address else {"num_cpus": max(workers * spec.threads, 1)}),
+                **({} if address else local),
             )
         except Exception as e:  # ConnectionError, RuntimeError, ValueError...
             where = address or "this machine"
@@ -153,6 +163,20 @@ class RayPool:
         for a in self.actors:
             self.ray.kill(a)
         self.ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """One line, at once, when a ``host:port`` (or ``ray://host:port``) Ray address accepts
+    no connection; Ray itself would retry for minutes. ``auto`` is left to Ray."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise SearchError(f"Ray address {address!r}: give host:port (or ray://host:port, auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SearchError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
 
 
 def _cause(e: BaseException) -> str:
