@@ -214,3 +214,20 @@ def test_bad_inputs_are_one_line(experts, tmp_path, change, needle):
     assert res.exit_code != 0
     assert needle in one_error_line(res)
     assert not (tmp_path / "out").exists()
+
+
+def test_projection_replaces_the_clamp():
+    from taskvec.search.gradient import project_simplex
+
+    model, base, taus, heads, inputs = _setup()
+    result = adamerging(
+        model,
+        base,
+        [lambda n, t=t: t[n] for t in taus],
+        _loss(model, heads, inputs),
+        AdaSettings(granularity="layer", steps=5, lr=0.2, init=0.5, clamp=False),
+        project=project_simplex,
+    )
+    lam = result.coefficients
+    assert lam.min() >= 0
+    torch.testing.assert_close(lam.sum(0), torch.ones(lam.shape[1], dtype=lam.dtype))

@@ -472,3 +472,48 @@ def _dump(config: dict, folder: Path) -> Path:
     path = folder / "m.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# --- the gradient strategy --------------------------------------------------------------------
+
+
+def _simplex_by_bisection(v: np.ndarray) -> np.ndarray:
+    """argmin ‖w − v‖ on the simplex: w = max(v − t, 0) with Σ w = 1, t found by bisection."""
+    lo, hi = v.min() - 1.0, v.max()
+    for _ in range(200):
+        t = (lo + hi) / 2
+        lo, hi = (t, hi) if np.maximum(v - t, 0).sum() > 1 else (lo, t)
+    return np.maximum(v - (lo + hi) / 2, 0)
+
+
+def test_simplex_projection_matches_bisection():
+    from taskvec.search.gradient import project_simplex
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        v = rng.normal(size=(int(rng.integers(1, 7)), 3)) * rng.uniform(0.1, 3)
+        got = project_simplex(torch.tensor(v)).numpy()
+        want = np.stack([_simplex_by_bisection(v[:, j]) for j in range(v.shape[1])], axis=1)
+        np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("objective_spec", "needle"),
+    [("search_objective:closeness", "differentiable objective")],
+)
+def test_gradient_needs_a_differentiable_objective(
+    llama, tmp_path, objective, objective_spec, needle
+):
+    config = ta_config(llama, tmp_path / "c.yaml")
+    res = run_cli(
+        "search",
+        config,
+        "-o",
+        tmp_path / "out",
+        "--objective",
+        objective_spec,
+        "--strategy",
+        "gradient",
+    )
+    assert needle in one_error_line(res)
+    assert not objective.exists()

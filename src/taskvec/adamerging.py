@@ -114,13 +114,15 @@ def adamerging(
     settings: AdaSettings = AdaSettings(),
     *,
     progress: bool = False,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> AdaResult:
     """Learn λ for the parameters of ``model`` named in ``base`` (θ₀ by parameter name; every
     other parameter, such as a task's head, is left alone and not trained).
 
     ``vectors[i](name)`` is task i's τ of parameter ``name``; ``loss(step)`` runs ``model``
     (already holding θ(λ)) on the step's batches and returns the scalar loss, e.g.
-    Σₜ :func:`entropy` of task t's head on its batch.
+    Σₜ :func:`entropy` of task t's head on its batch. ``project`` (λ → λ), when given, replaces
+    the clamp after each step (e.g. onto the simplex).
     """
     params = {n: p for n, p in model.named_parameters() if n in base}
     for n, p in model.named_parameters():
@@ -141,8 +143,10 @@ def adamerging(
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         lam.grad = coefficient_grad(params, vectors, groups)
         optimizer.step()
-        if settings.clamp:
-            with torch.no_grad():
+        with torch.no_grad():
+            if project is not None:
+                lam.copy_(project(lam.detach()))
+            elif settings.clamp:
                 lam.clamp_(0.0, 1.0)
         _rebuild(params, base, vectors, lam.detach(), groups)
     model.zero_grad(set_to_none=True)

@@ -65,7 +65,7 @@ def run_adamerging(
     def loss(step: int) -> torch.Tensor:
         total = torch.zeros(())
         for head, task_batches in zip(heads, data, strict=True):
-            ids, mask = task_batches[step % len(task_batches)]
+            ids, mask, _ = task_batches[step % len(task_batches)]
             kwargs = {"input_ids": ids, "attention_mask": mask}
             total = total + entropy(torch.func.functional_call(body, head, (), kwargs).logits)
         return total

@@ -159,16 +159,17 @@ def length_batches(
     batch_size: int,
     max_len: int,
     rng: random.Random,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches of texts of similar length (sorted by token count, so little padding), in an
-    order shuffled by ``rng``: every text once per pass, as in length-bucketed training."""
+    order shuffled by ``rng``: every text once per pass, as in length-bucketed training. Each
+    batch is (input_ids, attention_mask, the indices in ``texts`` of its rows)."""
     ids = tokenize(tokenizer, texts, max_len)
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     pad = int(tokenizer.pad_token_id)
-    out = [
-        collate([ids[i] for i in order[k : k + batch_size]], pad)
-        for k in range(0, len(order), batch_size)
-    ]
+    out = []
+    for k in range(0, len(order), batch_size):
+        rows = order[k : k + batch_size]
+        out.append((*collate([ids[i] for i in rows], pad), torch.tensor(rows)))
     rng.shuffle(out)
     return out
 

@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 from taskvec.adamerging import AdaSettings, Granularity, adamerging, entropy
-from taskvec.algebra import load_model as load_checkpoint_model
-from taskvec.bench.encoder import load_encoder, pooled
+from taskvec.bench.encoder_merge import encoder_merge, split_batches, step_loss
 from taskvec.bench.harness import Bench, Run
 from taskvec.bench.results import summary_row
-from taskvec.forward import checkpoint_names, length_batches, set_threads
+from taskvec.forward import set_threads
 from taskvec.io.checkpoint import open_checkpoint
 from taskvec.io.fingerprint import content_fingerprint
 
@@ -42,40 +41,15 @@ BATCH = 16  # unlabelled inputs per task per step, the paper's batch size
 
 def _learn(bench: Bench, granularity: Granularity, steps: int) -> dict[str, Any]:
     """Run AdaMerging on the benchmark's experts; λ, the losses and the cost."""
-    built = bench.built
-    set_threads(built.threads)
+    set_threads(bench.built.threads)
     torch.manual_seed(bench.seed)
-    base = load_checkpoint_model(built.base)
-    encoder = load_encoder(built.base, built.base).float()
-    names = checkpoint_names(encoder, base.specs)
-    theta0 = {pn: base.tensor(cn).float() for pn, cn in names.items()}
-    experts = [load_checkpoint_model(built.experts[t].path) for t in bench.tasks]
-    vectors = [
-        lambda pn, m=m: m.tensor(names[pn]).float() - theta0[pn]  # type: ignore[misc]
-        for m in experts
-    ]
-    heads = [built.heads[t] for t in bench.tasks]
-    rng = random.Random(bench.seed)
-    inputs = [
-        length_batches(
-            built.evaluator.tokenizer,
-            built.data[task].split("test").head(built.config.test_size).texts,
-            BATCH,
-            built.config.train.max_len,
-            rng,
-        )
-        for task in bench.tasks
-    ]
-
-    def loss(step: int) -> torch.Tensor:
-        total = torch.zeros(())
-        for head, task_batches in zip(heads, inputs, strict=True):
-            ids, mask = task_batches[step % len(task_batches)]
-            total = total + entropy(head.logits(pooled(encoder, ids, mask)))
-        return total
-
+    merge = encoder_merge(bench)
+    inputs = split_batches(bench, "test", BATCH, random.Random(bench.seed))
+    loss = step_loss(merge, inputs, lambda logits, _labels: entropy(logits))  # no label read
     start, cpu = time.perf_counter(), time.process_time()
-    result = adamerging(encoder, theta0, vectors, loss, AdaSettings(granularity, steps))
+    result = adamerging(
+        merge.encoder, merge.theta0, merge.vectors, loss, AdaSettings(granularity, steps)
+    )
     seconds = time.perf_counter() - start
     return {
         "coefficients": result.coefficients.tolist(),
@@ -84,26 +58,21 @@ def _learn(bench: Bench, granularity: Granularity, steps: int) -> dict[str, Any]
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(steps, 1), 3),
         "cpu_seconds": round(time.process_time() - cpu, 1),
-        "threads": built.threads,
+        "threads": bench.built.threads,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
     }
 
 
 def _merged(bench: Bench, learned: dict[str, Any]) -> dict[str, torch.Tensor]:
     """θ(λ) = θ₀ + Σᵢ λᵢᵍ τᵢ as an encoder state dict (parameter names of the encoder)."""
-    built = bench.built
-    base = load_checkpoint_model(built.base)
-    encoder = load_encoder(built.base, built.base)
-    names = checkpoint_names(encoder, base.specs)
+    merge = encoder_merge(bench)
     lam = torch.tensor(learned["coefficients"], dtype=torch.float64)
-    experts = [load_checkpoint_model(built.experts[t].path) for t in bench.tasks]
-    state = {k: v.float() for k, v in encoder.state_dict().items()}
-    for pn, cn in names.items():
-        theta0 = base.tensor(cn).float()
-        theta = theta0.clone()
-        for i, m in enumerate(experts):
-            theta += float(lam[i, learned["groups"][pn]]) * (m.tensor(cn).float() - theta0)
-        state[pn] = theta
+    state = {k: v.float() for k, v in merge.encoder.state_dict().items()}
+    for pn, theta0 in merge.theta0.items():
+        group = learned["groups"][pn]
+        state[pn] = theta0 + sum(
+            float(lam[i, group]) * tau(pn) for i, tau in enumerate(merge.vectors)
+        )
     return state
 
 
