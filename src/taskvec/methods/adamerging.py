@@ -18,8 +18,10 @@ DOC = """θ(λ) = θ₀ + Σᵢ λᵢˡ τᵢˡ, λ minimising the prediction en
 tensors outside the layers) or per task (`task`), initialised at `init`, trained by Adam (`lr`)
 for `steps` on Σₜ H(task t's head on the merged body, batch of task t's `data:`), kept in
 [0, 1] with `clamp` (the authors' code). Heads (tensors the base lacks or whose shapes differ)
-are not merged; the output is the merged body and the base's tensors. ∂L/∂λᵢˡ = ⟨∂L/∂θˡ, τᵢˡ⟩
-with the task vectors streamed: memory ≈ 3 models + one tensor per task + activations."""
+are not merged: the output is the merged body with the base's tensors, and each task's head in
+`heads/<task>.safetensors`. ∂L/∂λᵢˡ = ⟨∂L/∂θˡ, τᵢˡ⟩ with the task vectors streamed twice a
+step, never held: memory ≈ 3 float32 models (θ₀, θ(λ), ∂L/∂θ) + T × the largest tensor + the
+activations of the step's T batches (MiniLM, 6 tasks: see docs/benchmark.md)."""
 
 
 def _no_head(folder: str, config: dict[str, Any]) -> str | None:
@@ -49,7 +51,7 @@ ADAMERGING = PipelineMethod(
     DOC,
     _plan,
     _run,
-    output="the merged body (heads stay per task), coefficients in adamerging.json",
+    output="the merged body, each task's head in heads/, coefficients in adamerging.json",
     reference="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning, "
     "ICLR 2024, arXiv 2310.02575",
     params={
