@@ -126,6 +126,11 @@ def ta_config(llama: Family, path: Path, marker: dict | None = None, **extra: ob
     return path
 
 
+def search_cli(config: Path, out: Path, objective_spec: str, *args: str):
+    """``taskvec search CONFIG -o OUT --objective OBJECTIVE ARGS...``."""
+    return run_cli("search", config, "-o", out, "--objective", objective_spec, *args)
+
+
 def settings(**kw: object) -> SearchSettings:
     kw.setdefault("objective", "search_objective:closeness")
     kw.setdefault("threads", 1)
@@ -197,7 +202,7 @@ def test_simplex_weights_and_penalty():
 )
 def test_bad_markers_are_one_line_before_any_trial(llama, tmp_path, marker, needle):
     config = ta_config(llama, tmp_path / "c.yaml", marker)
-    res = run_cli("search", config, "-o", tmp_path / "out", "--objective", "x:y")
+    res = search_cli(config, tmp_path / "out", "x:y")
     assert needle in one_error_line(res)
     assert not (tmp_path / "out").exists()
 
@@ -223,7 +228,7 @@ def test_objective_that_cannot_be_built_is_one_line(
     llama, tmp_path, objective, objective_spec, needle
 ):
     config = ta_config(llama, tmp_path / "c.yaml")
-    res = run_cli("search", config, "-o", tmp_path / "out", "--objective", objective_spec)
+    res = search_cli(config, tmp_path / "out", objective_spec)
     assert needle in one_error_line(res)
     assert not (tmp_path / "out" / "study.db").exists()
     assert not objective.exists()  # no trial ran
@@ -235,9 +240,7 @@ def test_range_the_method_refuses_is_one_line_before_any_trial(llama, tmp_path, 
     cfg["merge_method"] = "ties"
     cfg["parameters"] = {"density": {"search": [0.1, 1.5]}}
     config.write_text(yaml.safe_dump(cfg))
-    res = run_cli(
-        "search", config, "-o", tmp_path / "out", "--objective", "search_objective:closeness"
-    )
+    res = search_cli(config, tmp_path / "out", "search_objective:closeness")
     line = one_error_line(res, "density")
     assert "high end" in line and "1.5" in line
     assert not objective.exists()
@@ -248,12 +251,9 @@ def test_unreachable_ray_address_is_one_line(llama, tmp_path, objective):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = ta_config(llama, tmp_path / "c.yaml")
-    res = run_cli(
-        "search",
+    res = search_cli(
         config,
-        "-o",
         tmp_path / "out",
-        "--objective",
         "search_objective:closeness",
         "--address",
         f"127.0.0.1:{port}",
@@ -339,12 +339,9 @@ def test_a_failing_point_fails_its_trial_and_the_search_goes_on(
     config = ta_config(llama, tmp_path / "c.yaml")
     grid = [closeness(llama, (a, b)) for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)]
     monkeypatch.setenv("SEARCH_FLAKY_BELOW", str(float(np.median(grid))))  # half the points
-    res = run_cli(
-        "search",
+    res = search_cli(
         config,
-        "-o",
         tmp_path / "out",
-        "--objective",
         "search_objective:flaky",
         "--strategy",
         "grid",
@@ -367,19 +364,9 @@ def test_a_failing_point_fails_its_trial_and_the_search_goes_on(
 def test_resume_continues_the_study(llama, tmp_path, objective):
     config = ta_config(llama, tmp_path / "c.yaml")
     first = run_search(config, tmp_path / "out", settings(trials=3), progress=False)
-    again = run_cli(
-        "search", config, "-o", tmp_path / "out", "--objective", "search_objective:closeness"
-    )
+    again = search_cli(config, tmp_path / "out", "search_objective:closeness")
     assert "--resume continues it" in one_error_line(again)
-    other = run_cli(
-        "search",
-        config,
-        "-o",
-        tmp_path / "out",
-        "--objective",
-        "search_objective:flaky",
-        "--resume",
-    )
+    other = search_cli(config, tmp_path / "out", "search_objective:flaky", "--resume")
     assert "different objective" in one_error_line(other)
     resumed = run_search(config, tmp_path / "out", settings(trials=5, resume=True), progress=False)
     assert len(resumed["trials"]) == 5
@@ -505,15 +492,6 @@ def test_gradient_needs_a_differentiable_objective(
     llama, tmp_path, objective, objective_spec, needle
 ):
     config = ta_config(llama, tmp_path / "c.yaml")
-    res = run_cli(
-        "search",
-        config,
-        "-o",
-        tmp_path / "out",
-        "--objective",
-        objective_spec,
-        "--strategy",
-        "gradient",
-    )
+    res = search_cli(config, tmp_path / "out", objective_spec, "--strategy", "gradient")
     assert needle in one_error_line(res)
     assert not objective.exists()
