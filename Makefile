@@ -4,9 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test parity lint bench-perf clean
+.PHONY: setup chromium demo test parity lint bench-perf clean
 
-setup: $(VENV)/.done
+setup: $(VENV)/.done chromium
+
+# Headless Chromium (Debian's package) opens the `taskvec analyze` report in
+# tests/test_analyze_browser.py; installed only when missing.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 # torch first, pinned: it installs a local CPU build (an unpinned torch pulls GBs of CUDA wheels).
 $(VENV)/.done: pyproject.toml

@@ -104,7 +104,10 @@ class _Shard:
 def plan_shards(
     tensors: Sequence[PlannedTensor], shard_size: int, prefix: str = "model"
 ) -> list[_Shard]:
-    """Split tensors, in order, into shards of at most ``shard_size`` bytes each."""
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes each (none for no
+    tensors: an output of other files only, such as a report)."""
+    if not tensors:
+        return []
     groups: list[list[PlannedTensor]] = [[]]
     used = 0
     for t in tensors:
