@@ -904,7 +904,12 @@ def _matcher(patterns: str | Iterable[str], empty: bool = True) -> Callable[[str
 
 
 def load(path: str | os.PathLike[str]) -> Model | TaskVector:
-    """Open a checkpoint lazily: a :class:`TaskVector` if saved as one, else a :class:`Model`."""
+    """Open a checkpoint lazily: a :class:`TaskVector` if saved as one (or a PEFT LoRA
+    adapter folder, see :mod:`taskvec.peft_lora`), else a :class:`Model`."""
+    from taskvec.peft_lora import is_adapter, load_adapter
+
+    if is_adapter(path):
+        return load_adapter(path)
     ckpt = open_checkpoint(path)
     if ckpt.metadata.get("taskvec.kind") == TASK_VECTOR_KIND:
         return StoredVector(ckpt)

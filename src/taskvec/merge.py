@@ -210,9 +210,10 @@ class _Planner:
                 self.opened[ref] = special
                 self._open[ref] = self._as_model(ref, special)
                 return self._open[ref]
-            if "+" in ref and not Path(ref).exists():
+            if "+" in ref and not self._local(ref).exists():
                 raise ConfigError(
-                    f"model {ref!r}: LoRA references (model+lora) are not supported yet"
+                    f"model {ref!r}: MODEL+ADAPTER needs a PEFT LoRA adapter folder (with "
+                    f"adapter_config.json) after the '+': {ref.rpartition('+')[2]!r} is not one"
                 )
             path = self._local(ref)
             if not path.exists():

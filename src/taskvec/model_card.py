@@ -75,7 +75,12 @@ def _library(ckpt: Checkpoint) -> str | None:
 
 
 def _inputs_table(inputs: Sequence[CardInput]) -> str:
-    rows = [f"| {i.role} | `{i.name}` | `{content_fingerprint(i.ckpt)}` |" for i in inputs]
+    rows = [
+        f"| {i.role} | `{i.name}` | "
+        + ("computed, no file content" if i.ckpt.derived else f"`{content_fingerprint(i.ckpt)}`")
+        + " |"
+        for i in inputs
+    ]
     return "\n".join(
         [
             "| role | input | content fingerprint |",
