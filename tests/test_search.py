@@ -60,6 +60,11 @@ def per_part(candidate):
 per_part.metrics = ("first", "second")
 
 
+def infinite(candidate):
+    _count()
+    return float("inf")
+
+
 def flaky(candidate):
     value = closeness(candidate)
     if value < float(os.environ["SEARCH_FLAKY_BELOW"]):
@@ -495,3 +500,47 @@ def test_gradient_needs_a_differentiable_objective(
     res = search_cli(config, tmp_path / "out", objective_spec, "--strategy", "gradient")
     assert needle in one_error_line(res)
     assert not objective.exists()
+
+
+def test_a_non_finite_score_fails_its_trial(llama, tmp_path, objective):
+    config = ta_config(llama, tmp_path / "c.yaml")
+    res = search_cli(
+        config,
+        tmp_path / "out",
+        "search_objective:infinite",
+        "--strategy",
+        "grid",
+        "--grid-points",
+        "2",
+        "--no-progress",
+        "--threads",
+        "1",
+    )
+    assert "no trial completed" in one_error_line(res)
+    assert "returned inf, not a finite number" in res.stdout
+    assert not (tmp_path / "out" / "best.yaml").exists()
+
+
+def test_simplex_over_a_fixed_weight_is_refused():
+    with pytest.raises(ConfigError, match=r"b\.weight is set in the config"):
+        search_space(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 0.5}}],
+                "search": {"simplex": "weight"},
+            }
+        )
+
+
+def test_a_candidate_missing_a_parameter_of_its_model_is_refused(bert):
+    from taskvec.search.objectives import Candidate, ObjectiveError
+
+    tensors = load_folder(bert.base)
+    dropped = sorted(k for k in tensors if k.endswith("weight"))[0]
+    complete = Candidate(dict(tensors), bert.base).load("base")
+    own = dict(complete.named_parameters())
+    name = next(n for n in own if n.endswith(dropped) or dropped.endswith(n))
+    torch.testing.assert_close(own[name].detach(), tensors[dropped], rtol=0, atol=0)
+    del tensors[dropped]
+    with pytest.raises(ObjectiveError, match="the merge has no tensor of shape"):
+        Candidate(tensors, bert.base).load("base")

@@ -125,7 +125,12 @@ def run_adamerging_row(
     losses = learned["losses"]
     return {
         "method": "adamerging",
-        "parameters": {"granularity": granularity, "steps": steps, "lr": 1e-3, "init": 0.3},
+        "parameters": {
+            "granularity": granularity,
+            "steps": steps,
+            "lr": AdaSettings.lr,
+            "init": AdaSettings.init,
+        },
         **summary_row(run.result, run.reference),
         "seconds": learned["seconds"],
         "eval_seconds": round(run.eval_seconds, 1),
@@ -138,8 +143,9 @@ def run_adamerging_row(
         | {"cached": cached},
         "entropy": {"first_step": losses[0], "last_step": losses[-1]} if losses else {},
         "selection": {
-            "rule": f"no coefficient chosen on validation: λ learned from 0.3 by {steps} Adam "
-            f"steps (lr 1e-3, clamped to [0, 1]) minimising the entropy of each task's head on "
-            f"batches of {BATCH} unlabelled TEST inputs per task, as the paper; test scored once"
+            "rule": f"no coefficient chosen on validation: λ learned from {AdaSettings.init} "
+            f"by {steps} Adam steps (lr {AdaSettings.lr}, clamped to [0, 1]) minimising the "
+            f"entropy of each task's head on batches of {BATCH} unlabelled TEST inputs per "
+            "task, as the paper; test scored once"
         },
     }

@@ -66,8 +66,8 @@ def _weight_dims(worker: Worker) -> tuple[list[str], list[tuple[float, float]], 
     if any(d.choices is not None or d.integer or d.log for d in space.dims):
         raise ConfigError("the gradient strategy needs plain [low, high] weight ranges")
     scale = (template.get("parameters") or {}).get("lambda", 1.0)
-    if not isinstance(scale, int | float):
-        raise ConfigError("the gradient strategy needs a fixed scalar lambda")
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or scale == 0:
+        raise ConfigError("the gradient strategy needs a fixed, non-zero scalar lambda")
     dims = [by_model[i] for i in range(len(models))]
     return [d.name for d in dims], [(d.low, d.high) for d in dims], float(scale)
 

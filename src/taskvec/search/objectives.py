@@ -21,6 +21,7 @@ A search maximises :attr:`Scores.score`; with ``per_task`` it maximises every me
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,16 @@ class Candidate:
         model = load_model(self.reference, head)  # type: ignore[arg-type]
         names = checkpoint_names(model, self.tensors)
         own = dict(model.named_parameters())
+        for pn, p in own.items():  # a parameter left at its initial value would score noise
+            cn = names.get(pn)
+            if cn is None or tuple(p.shape) != tuple(self.tensors[cn].shape):
+                raise ObjectiveError(
+                    f"{self.reference}: the merge has no tensor of shape {tuple(p.shape)} for "
+                    f"the model's parameter {pn!r}"
+                )
         with torch.no_grad():
             for pn, cn in names.items():
-                if pn in own and tuple(own[pn].shape) == tuple(self.tensors[cn].shape):
+                if pn in own:
                     own[pn].copy_(self.tensors[cn])
         return model.eval()
 
@@ -191,8 +199,8 @@ def _number(spec: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ObjectiveError(f"{spec}: returned {type(value).__name__}, not a number") from None
-    if number != number:
-        raise ObjectiveError(f"{spec}: returned NaN")
+    if not math.isfinite(number):
+        raise ObjectiveError(f"{spec}: returned {number}, not a finite number")
     return number
 
 

@@ -228,8 +228,10 @@ def _simplex(template: Mapping[str, Any]) -> Simplex | None:
         paths.append(("models", i, "parameters", parameter))
         if entry.get("parameters") is None:
             entry["parameters"] = {}
-        if isinstance(entry["parameters"].get(parameter), Mapping):
-            raise ConfigError(f"search simplex: {label}.{parameter} is searched twice")
+        if parameter in entry["parameters"]:
+            raise ConfigError(
+                f"search simplex: {label}.{parameter} is set in the config; the simplex sets it"
+            )
     if len(set(names)) != len(names):
         names = [f"{SIMPLEX_PREFIX}{i}" for i in range(len(models))]
     return Simplex(parameter, tuple(names), tuple(paths), float(l2))
