@@ -231,3 +231,26 @@ def test_projection_replaces_the_clamp():
     lam = result.coefficients
     assert lam.min() >= 0
     torch.testing.assert_close(lam.sum(0), torch.ones(lam.shape[1], dtype=lam.dtype))
+
+
+def test_learning_mode_is_undone_and_bfloat16_follows_float32():
+    """Embeddings learn with sparse gradients and bfloat16 with eager attention; both are put
+    back afterwards, and a bfloat16 step moves λ as the float32 one does (Adam's first step is
+    ±lr per coefficient: the signs of the gradient agree)."""
+    model, base, taus, heads, inputs = _setup()
+    model.set_attn_implementation("sdpa")
+    vectors = [t.__getitem__ for t in taus]
+    settings = AdaSettings(steps=1, lr=1e-2, clamp=False)
+    exact = adamerging(model, base, vectors, _loss(model, heads, inputs), settings)
+    half = adamerging(
+        model,
+        base,
+        vectors,
+        _loss(model, heads, inputs),
+        AdaSettings(steps=1, lr=1e-2, clamp=False, precision="bfloat16"),
+    )
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert model.config._attn_implementation == "sdpa"
+    agree = (exact.coefficients - 0.3).sign() == (half.coefficients - 0.3).sign()
+    assert agree.float().mean() >= 0.8
+    torch.testing.assert_close(half.losses[0], exact.losses[0], rtol=2e-2, atol=0)

@@ -17,9 +17,10 @@ activations of one batch; the task vectors are read from disk twice a step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -27,19 +28,24 @@ from tqdm.auto import tqdm
 from taskvec.layout import LayerLayout
 
 Granularity = Literal["layer", "task"]
+Precision = Literal["float32", "bfloat16"]
 VectorFn = Callable[[str], torch.Tensor]
 """A task vector as a function: parameter name → τ of that parameter (read when called)."""
 
 
 @dataclass(frozen=True)
 class AdaSettings:
-    """The optimisation: granularity, steps, Adam's learning rate, initial λ, clamp to [0, 1]."""
+    """The optimisation: granularity, steps, Adam's learning rate, initial λ, clamp to [0, 1],
+    and the precision of the forward and backward passes: ``bfloat16`` runs them under autocast
+    (about twice the matrix-product speed on CPUs with AVX-512 BF16), while θ, λ and
+    ⟨∂L/∂θ, τ⟩ stay in float32/float64."""
 
     granularity: Granularity = "layer"
     steps: int = 500
     lr: float = 1e-3
     init: float = 0.3
     clamp: bool = True
+    precision: Precision = "float32"
 
 
 @dataclass
@@ -100,10 +106,48 @@ def coefficient_grad(
     for name, p in params.items():
         if p.grad is None:
             continue
+        if p.grad.is_sparse:  # an embedding: only the rows of the batch's tokens have a gradient
+            g = p.grad.coalesce()
+            rows, values = g.indices()[0], g.values().float().flatten()
+            for i, tau in enumerate(vectors):
+                dot = torch.dot(values, tau(name)[rows].float().flatten())
+                grad[i, groups[name]] += float(dot)
+            continue
         g = p.grad.float().flatten()
         for i, tau in enumerate(vectors):
             grad[i, groups[name]] += float(torch.dot(g, tau(name).float().flatten()))
     return grad
+
+
+def _precision(model: torch.nn.Module, precision: Precision) -> AbstractContextManager[Any]:
+    """Autocast of the loss's forward pass (its backward follows it) for ``bfloat16``."""
+    if precision == "float32":
+        return nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
+@contextmanager
+def _learning(model: torch.nn.Module, precision: Precision) -> Iterator[None]:
+    """The model while λ is learned. Embeddings give sparse gradients (the rows of the batch's
+    tokens): a dense one zero-fills the whole vocabulary matrix once per forward pass. Under
+    ``bfloat16`` a Hugging Face model uses eager attention: the CPU's fused attention is many
+    times slower backwards in bfloat16 than the plain matrix products."""
+    dense = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and not m.sparse]
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    switch = precision == "bfloat16" and attention not in (None, "eager")
+    for m in dense:
+        m.sparse = True
+    if switch:
+        model.set_attn_implementation("eager")  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for m in dense:
+            m.sparse = False
+        if switch:
+            model.set_attn_implementation(attention)  # type: ignore[operator]
 
 
 def adamerging(
@@ -135,20 +179,22 @@ def adamerging(
     losses: list[float] = []
     _rebuild(params, base, vectors, lam.detach(), groups)
     bar = tqdm(range(settings.steps), desc="adamerging", unit="step", disable=not progress)
-    for step in bar:
-        model.zero_grad(set_to_none=True)
-        value = loss(step)
-        value.backward()
-        losses.append(float(value.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        lam.grad = coefficient_grad(params, vectors, groups)
-        optimizer.step()
-        with torch.no_grad():
-            if project is not None:
-                lam.copy_(project(lam.detach()))
-            elif settings.clamp:
-                lam.clamp_(0.0, 1.0)
-        _rebuild(params, base, vectors, lam.detach(), groups)
+    with _learning(model, settings.precision):
+        for step in bar:
+            model.zero_grad(set_to_none=True)
+            with _precision(model, settings.precision):
+                value = loss(step)
+            value.backward()
+            losses.append(float(value.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            lam.grad = coefficient_grad(params, vectors, groups)
+            optimizer.step()
+            with torch.no_grad():
+                if project is not None:
+                    lam.copy_(project(lam.detach()))
+                elif settings.clamp:
+                    lam.clamp_(0.0, 1.0)
+            _rebuild(params, base, vectors, lam.detach(), groups)
     model.zero_grad(set_to_none=True)
     merged = {n: p.detach().clone() for n, p in params.items()}
     return AdaResult(lam.detach().clone(), groups, merged, losses)

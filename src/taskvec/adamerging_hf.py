@@ -71,7 +71,12 @@ def run_adamerging(
         return total
 
     settings = AdaSettings(
-        opts["granularity"], opts["steps"], opts["lr"], opts["init"], opts["clamp"]
+        opts["granularity"],
+        opts["steps"],
+        opts["lr"],
+        opts["init"],
+        opts["clamp"],
+        opts["precision"],
     )
     result = adamerging(body, theta0, vectors, loss, settings, progress=progress)
     merged = {cn: result.merged[pn].to(base.specs[cn].dtype) for pn, cn in in_base.items()}

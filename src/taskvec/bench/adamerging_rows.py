@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from taskvec.adamerging import AdaSettings, Granularity, adamerging, entropy
+from taskvec.adamerging import AdaSettings, Granularity, Precision, adamerging, entropy
 from taskvec.bench.encoder_merge import encoder_merge, split_batches, step_loss
 from taskvec.bench.harness import Bench, Run
 from taskvec.bench.results import summary_row
@@ -39,7 +39,9 @@ STEPS = 500
 BATCH = 16  # unlabelled inputs per task per step, the paper's batch size
 
 
-def _learn(bench: Bench, granularity: Granularity, steps: int) -> dict[str, Any]:
+def _learn(
+    bench: Bench, granularity: Granularity, steps: int, precision: Precision = "float32"
+) -> dict[str, Any]:
     """Run AdaMerging on the benchmark's experts; λ, the losses and the cost."""
     set_threads(bench.built.threads)
     torch.manual_seed(bench.seed)
@@ -48,7 +50,11 @@ def _learn(bench: Bench, granularity: Granularity, steps: int) -> dict[str, Any]
     loss = step_loss(merge, inputs, lambda logits, _labels: entropy(logits))  # no label read
     start, cpu = time.perf_counter(), time.process_time()
     result = adamerging(
-        merge.encoder, merge.theta0, merge.vectors, loss, AdaSettings(granularity, steps)
+        merge.encoder,
+        merge.theta0,
+        merge.vectors,
+        loss,
+        AdaSettings(granularity, steps, precision=precision),
     )
     seconds = time.perf_counter() - start
     return {
@@ -76,9 +82,11 @@ def _merged(bench: Bench, learned: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _cache_key(bench: Bench, granularity: str, steps: int) -> str:
+def _cache_key(bench: Bench, granularity: str, steps: int, precision: Precision) -> str:
     built = bench.built
-    h = hashlib.sha256(json.dumps([granularity, steps, BATCH, bench.seed]).encode())
+    settings: list[Any] = [granularity, steps, BATCH, bench.seed]
+    settings += [precision] if precision != "float32" else []  # keeps float32 keys stable
+    h = hashlib.sha256(json.dumps(settings).encode())
     h.update(content_fingerprint(open_checkpoint(built.base)).encode())
     for task in bench.tasks:
         h.update(content_fingerprint(open_checkpoint(built.experts[task].path)).encode())
@@ -92,17 +100,19 @@ def run_adamerging_row(
     label: str,
     *,
     steps: int = STEPS,
+    precision: Precision = "float32",
     echo: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Learn λ (cached) and score θ(λ) on test once: the results-JSON entry of ``label``."""
     granularity = LABELS[label]
-    path = bench.built.root / "adamerging" / f"{_cache_key(bench, granularity, steps)}.json"
+    key = _cache_key(bench, granularity, steps, precision)
+    path = bench.built.root / "adamerging" / f"{key}.json"
     if path.exists():
         learned = json.loads(path.read_text())
         cached = True
     else:
         echo(f"  {label}: {steps} steps of AdaMerging ({granularity}-wise) on unlabelled test")
-        learned = _learn(bench, granularity, steps)
+        learned = _learn(bench, granularity, steps, precision)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(learned) + "\n")
@@ -113,7 +123,7 @@ def run_adamerging_row(
     run = Run(
         label,
         "adamerging",
-        {"granularity": granularity, "steps": steps},
+        {"granularity": granularity, "steps": steps, "precision": precision},
         "test",
         result,
         bench.built.reference("test"),
@@ -130,6 +140,7 @@ def run_adamerging_row(
             "steps": steps,
             "lr": AdaSettings.lr,
             "init": AdaSettings.init,
+            "precision": precision,
         },
         **summary_row(run.result, run.reference),
         "seconds": learned["seconds"],
