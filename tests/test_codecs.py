@@ -66,7 +66,7 @@ def test_minmax_matches_numpy(bits: int) -> None:
 
 
 def test_int4_bits_per_parameter_is_four_plus_the_scales() -> None:
-    _, parts = _roundtrip("int4", _tau((64, 256)))  # default group 128, absmax, float32 scales
+    _, parts = _roundtrip("int4/g128/absmax", _tau((64, 256)))  # codes as they are, f32 scales
     assert bits_per_parameter(parts, 64 * 256) == pytest.approx(4 + 32 / 128)
     _, parts = _roundtrip("int2/g64/minmax", _tau((64, 256)))
     assert bits_per_parameter(parts, 64 * 256) == pytest.approx(2 + 64 / 64)

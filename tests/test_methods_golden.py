@@ -360,6 +360,8 @@ COVERED = {
     # whole-model pipeline methods: golden tests in test_fda.py and test_pipeline_methods.py
     "fda",
     "emr",
+    "pleas",  # tests/test_pleas.py and test_pleas_pipeline.py
+    "permute",
 }
 
 

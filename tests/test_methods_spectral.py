@@ -299,7 +299,7 @@ def orthonormal(rng: np.random.Generator, m: int, p: int) -> np.ndarray:
 )
 def test_polar_extend(m, a, b, overlap, rank, seed, dtype) -> None:
     """polar([A | B]) for orthonormal (float64) A, through the small problem, equals the direct
-    one, also when B lies partly in span(A) or is rank-deficient (float64: to 1e-6, as the
+    one, also when B lies partly in span(A) or is rank-deficient (float64: to 1e-5, as the
     small problem is a Gram matrix and squares the condition number)."""
     a, b = min(a, m), min(b, m - min(a, m))
     rng = np.random.default_rng(seed)
@@ -309,7 +309,7 @@ def test_polar_extend(m, a, b, overlap, rank, seed, dtype) -> None:
     got = polar_extend(torch.tensor(left), torch.tensor(right, dtype=dtype))
     want = polar(torch.tensor(np.concatenate([left, right], 1), dtype=torch.float64)).numpy()
     np.testing.assert_allclose(
-        got.double().numpy(), want, atol=1e-4 if dtype == torch.float32 else 1e-6
+        got.double().numpy(), want, atol=1e-4 if dtype == torch.float32 else 1e-5
     )
 
 

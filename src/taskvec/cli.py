@@ -454,5 +454,15 @@ def _register_analyze_command() -> None:
 
 _register_analyze_command()
 
+
+def _register_twin_command() -> None:
+    """Twin-Merging (``taskvec twin build``)."""
+    from taskvec.twin.cli import twin
+
+    main.add_command(twin)
+
+
+_register_twin_command()
+
 if __name__ == "__main__":
     main()

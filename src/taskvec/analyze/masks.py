@@ -13,15 +13,15 @@ over the two streamed passes of :mod:`taskvec.analyze.stream`:
    That fixes the bin K holding t, and how many entries lie above it
    (:func:`coarse_thresholds`);
 2. the second pass sorts every entry into *in* (upper bits > K), *out* (< K) or *undecided*
-   (= K, a bin 2⁻⁷ wide), and counts (:class:`MaskCounter`): the undecided entries of each
-   vector by their lower 16 bits, which fixes t; per pair (a, b) the entries in both (one
-   matrix product); the lower bits of a's undecided entries where b is in (and vice versa);
-   and the entries undecided in both, as distinct (lower bits of a, lower bits of b) keys with
-   counts. That last set is small for continuous values; for quantized ones it has few
-   distinct keys, and it is compacted as it grows. When fewer of bin K's entries than are
+   (= K, a bin 2⁻⁷ wide), and counts (:class:`MaskCounter`): the undecided entries of each vector
+   by their lower 16 bits, which fixes t; per pair (a, b) the entries in both (a compiled loop,
+   :mod:`taskvec.analyze.kernels`); the lower bits of a's undecided entries where b is in (and
+   vice versa); and the entries undecided in both, as distinct (lower bits of a, lower bits of
+   b) keys with counts. That last set is small for continuous values; for quantized ones it has
+   few distinct keys, and it is compacted as it grows. When fewer of bin K's entries than are
    needed have non-zero lower bits (the first pass counts them too), t is the bin's floor and
-   the whole bin is in: nothing is undecided. That is the usual case for τ of bf16 models,
-   whose differences mostly fit in the upper 16 bits, and it makes their second pass cheap.
+   the whole bin is in: nothing is undecided. That is the usual case for τ of bf16 models, whose
+   differences mostly fit in the upper 16 bits, and it makes their second pass cheap.
 
 So the thresholds, mask sizes and intersections are exact: no sampling, no sketch.
 """
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+
+from taskvec.analyze.kernels import joint_counts, upper_histogram
 
 UPPER_BINS = 1 << 15  # the upper 16 bits of a non-negative float32 (its sign bit is 0)
 LOWER_BINS = 1 << 16
@@ -46,9 +48,8 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
 def upper_counts(bits: torch.Tensor) -> torch.Tensor:
     """(V, UPPER_BINS, 2) int64: each row's non-zero entries counted by their upper 16 bits,
     [..., 1] those whose lower 16 bits are not all zero, [..., 0] the others."""
-    key = (bits >> 15) | ((bits & (LOWER_BINS - 1)) != 0)  # 2 × upper bits + (lower ≠ 0)
-    out = torch.stack([torch.bincount(row, minlength=2 * UPPER_BINS) for row in key])
-    out[:, 0] -= (bits == 0).sum(1)  # zeros fall in bin 0 and are never in a mask
+    # key 2 × upper bits + (lower ≠ 0); key 0 is exactly the zeros, never in a mask
+    out = torch.from_numpy(upper_histogram(bits.contiguous().numpy(), UPPER_BINS))
     return out.reshape(bits.shape[0], UPPER_BINS, 2)
 
 
@@ -142,7 +143,8 @@ class MaskCounter:
         self._upper = torch.tensor(coarse.upper, dtype=torch.int32).unsqueeze(1)
         # inside: upper bits > cut; K − 1 when the whole bin K is in (then none is undecided)
         cut = [k - 1 if floor else k for k, floor in zip(coarse.upper, coarse.floor, strict=True)]
-        self._cut = torch.tensor(cut, dtype=torch.int32).unsqueeze(1)
+        # so inside ⇔ bits ≥ max((cut + 1) << 16, 1): zeros never are
+        self._lo = torch.tensor([max((c + 1) << 16, 1) for c in cut], dtype=torch.int32)
         some = [k >= 0 and not f for k, f in zip(coarse.upper, coarse.floor, strict=True)]
         self._undecided = torch.tensor(some).unsqueeze(1)
         self.lower = torch.zeros(t, LOWER_BINS, dtype=torch.int64)
@@ -152,21 +154,17 @@ class MaskCounter:
 
     def count(self, bits: torch.Tensor) -> ChunkCounts:
         """Classify a chunk's :func:`magnitude_bits` (T, n) and count what :meth:`finish` needs:
-        the in-masks' pairwise counts by one matrix product, the rest by histograms of the
+        the in-masks' pairwise counts in one compiled loop, the rest by histograms of the
         undecided entries' lower bits (weighted by the other vector's in-mask)."""
-        up = bits >> 16
-        inside = up > self._cut
-        for a, cut in enumerate(self._cut[:, 0].tolist()):
-            if cut < 0:  # bin 0 and up are in: every non-zero entry
-                inside[a] &= bits[a] != 0
-        undecided = torch.zeros(0)  # looked at only for the vectors that have some
-        if bool(self._undecided.any()):
-            undecided = (up == self._upper) & self._undecided
-            for a, k in enumerate(self.coarse.upper):
-                if k == 0:  # bin 0 also holds the zeros
-                    undecided[a] &= bits[a] != 0
-        work = torch.float32 if bits.shape[1] < 1 << 24 else torch.float64  # exact counts
-        inside_f = inside.to(work)
+        bits = bits.contiguous()
+        both_in = torch.from_numpy(joint_counts(bits.numpy(), self._lo.numpy()))
+        if not bool(self._undecided.any()):
+            return ChunkCounts({}, both_in, {}, {})
+        inside = bits >= self._lo.unsqueeze(1)
+        undecided = ((bits >> 16) == self._upper) & self._undecided
+        for a, k in enumerate(self.coarse.upper):
+            if k == 0:  # bin 0 also holds the zeros
+                undecided[a] &= bits[a] != 0
         t = bits.shape[0]
         lower, cross, pairs = {}, {}, {}
         for a in range(t):
@@ -179,7 +177,7 @@ class MaskCounter:
             lower[a] = torch.bincount(low[a], minlength=LOWER_BINS)
             for b in range(t):
                 if b != a:
-                    weights = inside_f[b, where].double()
+                    weights = inside[b, where].double()
                     cross[a, b] = torch.bincount(low[a], weights, LOWER_BINS).round().long()
                 if b > a:
                     both = undecided[b, where]
@@ -187,7 +185,6 @@ class MaskCounter:
                         pairs[a, b] = ((low[a][both] << 16) | low[b][both]).unique(
                             return_counts=True
                         )
-        both_in = (inside_f @ inside_f.T).round().long()
         return ChunkCounts(lower, both_in, cross, pairs)
 
     def add(self, counts: ChunkCounts) -> None:

@@ -7,10 +7,12 @@ more bucket):
 * the Gram matrix G_ij = ⟨τ_i, τ_j⟩ (norms, cosines and the PCA all follow from it);
 * max |τ_i| and the count of near-zero entries |τ_i| ≤ tol;
 * per pair of task vectors, the entries both change (|τ| > tol) and, of those, the ones whose
-  signs differ (TIES's sign conflicts, Yadav et al. 2023), from c cᵀ and s sᵀ with c the
-  changed indicator and s = sign(τ)·c: differing = (c cᵀ − s sᵀ) / 2;
+  signs differ (TIES's sign conflicts, Yadav et al. 2023);
 * ‖τ_i‖² per module type (:mod:`taskvec.analyze.kinds`);
 * the upper-bits counts of |τ| for the exact top-k masks (:mod:`taskvec.analyze.masks`).
+
+The sums of a block come from compiled loops (:mod:`taskvec.analyze.kernels`) that read it once
+per pair of rows, not from one full-size torch temporary per statistic.
 
 Pass 2 reads the task vectors again and counts their top-k masks' intersections exactly. Blocks
 run on a thread pool; pass 1's float64 sums are added in a fixed order, so results do not depend
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from taskvec.algebra import TaskVector, _Cache
 from taskvec.analyze.inputs import Inputs
+from taskvec.analyze.kernels import pair_sums
 from taskvec.analyze.kinds import KINDS, module_kind
 from taskvec.analyze.masks import (
     UPPER_BINS,
@@ -124,19 +127,13 @@ class Totals:
 
 def _pass1_block(vectors: list[TaskVector], tasks: int, tol: float, block: Block) -> _Pass1Block:
     x = evaluate(vectors, block)
-    x64 = x.double()
-    mag = x.abs()
-    # counts as float32 matrix products: exact below 2^24 entries per block
-    work = torch.float32 if x.shape[1] < 1 << 24 else torch.float64
-    c = (mag > tol).to(work)
-    s = torch.sign(x[:tasks]).to(work) * c[:tasks]
-    both = c[:tasks] @ c[:tasks].T
+    gram, max_abs, near_zero, both, differ = map(torch.from_numpy, pair_sums(x.numpy(), tasks, tol))
     return _Pass1Block(
-        gram=x64 @ x64.T,
-        max_abs=mag.amax(1).double() if x.shape[1] else torch.zeros(len(vectors)),
-        near_zero=x.shape[1] - c.sum(1, dtype=torch.float64).round().long(),
-        both=both.round().long(),
-        differ=((both - s @ s.T) / 2).round().long(),
+        gram=gram,
+        max_abs=max_abs,
+        near_zero=near_zero,
+        both=both,
+        differ=differ,
         upper=upper_counts(magnitude_bits(x[:tasks])),
     )
 

@@ -16,6 +16,7 @@ from taskvec.methods import (  # noqa: F401
     model_stock,
     passthrough,
     pcb,
+    pleas,
     ram,
     regmean,
     regmean_plusplus,

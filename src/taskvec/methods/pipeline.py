@@ -87,7 +87,9 @@ class PipelineMethod:
         """The base model and the task models by name (their folders' names); a relative path
         that does not exist from here is taken relative to ``config_dir``."""
         name = self.name
-        if cfg.base_model is None or not cfg.models:
+        if self.base == "unused" and cfg.base_model is not None:
+            raise ConfigError(f"merge_method {name} uses no base model: drop base_model")
+        if (cfg.base_model is None and self.base != "unused") or not cfg.models:
             raise ConfigError(f"merge_method {name} needs a base_model and a models list")
         if cfg.dtype or cfg.out_dtype:  # not silently ignored
             raise ConfigError(
@@ -110,7 +112,7 @@ class PipelineMethod:
             )
 
         where = _relative_to(config_dir)
-        return where(cfg.base_model), {
+        return where(cfg.base_model or ""), {
             n: where(m.model) for n, m in zip(names, cfg.models, strict=True)
         }
 

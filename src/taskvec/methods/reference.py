@@ -57,6 +57,16 @@ VERSUS: dict[str, tuple[str, str]] = {
         "uses 1200 steps) to fit a 2-core CPU, see docs/fda.md",
     ),
     "emr": ("not in mergekit", "same (per-task masks and scales; one model per task)"),
+    "pleas": (
+        "not in mergekit",
+        "MLP stacks (ReLU) only; the budget is a per-layer width factor, not the paper's "
+        "parameter count; more than two models merged in sequence (budget 1 only); "
+        "see docs/pleas.md",
+    ),
+    "permute": (
+        "not in mergekit",
+        "Git Re-Basin's activation matching (one pass, correlation), MLP stacks only",
+    ),
     "wudi": (
         "not in mergekit",
         "Adam, lr 1e-5, 300 steps as the reference code; by default (`step_tol` 0.1) the "
@@ -85,6 +95,13 @@ VERSUS: dict[str, tuple[str, str]] = {
         "FusionBench) and floors the first model's Fisher only (`favor_target_model: true`)",
     ),
 }
+
+
+def _base(m: MergeMethod | PipelineMethod) -> str:
+    """A pipeline method without a base refuses one (it does not merge it as an input)."""
+    if isinstance(m, PipelineMethod) and m.base == "unused":
+        return "none (a `base_model` is refused)"
+    return _BASE[m.base]
 
 
 def _param(m: MergeMethod | PipelineMethod, key: str) -> str:
@@ -156,7 +173,7 @@ def method_reference() -> str:
             doc,
             "",
             f"- parameters: {_params(m)}",
-            f"- base model: {_BASE[m.base]}; at least {m.min_models} other model(s)",
+            f"- base model: {_base(m)}; at least {m.min_models} other model(s)",
         ]
         out += _notes(m)
         if name in VERSUS:
