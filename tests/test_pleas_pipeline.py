@@ -97,6 +97,9 @@ def test_permuted_copies_merge_to_the_same_function_through_the_cli(tmp_path: Pa
         ("budget", "budget"),
         ("data-width", "not [n>0, 6]"),
         ("three-wide", "exactly two models"),
+        ("data-nan", "NaN or infinite"),
+        ("data-text", "array of numbers"),
+        ("weight-nan", "NaN or infinite"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, case: str, needle: str) -> None:
@@ -118,6 +121,14 @@ def test_bad_input_is_one_line(tmp_path: Path, case: str, needle: str) -> None:
         del cfg["models"][0]["data"]
     if case == "data-width":
         np.save(tmp_path / "x.npy", np.zeros((5, 7)))
+    if case == "data-nan":
+        np.save(tmp_path / "x.npy", np.full((5, SIZES[0]), np.nan))
+    if case == "data-text":
+        np.save(tmp_path / "x.npy", np.full((5, SIZES[0]), "a"))
+    if case == "weight-nan":
+        weights = load_file(tmp_path / "b" / "model.safetensors")
+        weights["layers.1.bias"][0] = float("nan")
+        save_file(weights, tmp_path / "b" / "model.safetensors")
     path.write_text(yaml.safe_dump(cfg))
     before = tree_digest(tmp_path)
     res = run_cli("merge", path, tmp_path / "out", "--no-progress")

@@ -207,3 +207,12 @@ def test_bad_inputs_are_one_line(setup: dict, llama: Family, tmp_path: Path, no_
         res = run_cli("twin", "build", *args, "-o", out, "--no-progress")
         one_error_line(res, needle)
         no_leftovers(out)
+
+
+def test_a_scale_that_is_not_finite_is_refused(tmp_path):
+    from taskvec.errors import IncompatibleError
+    from taskvec.twin.build import build_twin
+
+    with pytest.raises(IncompatibleError, match="finite"):
+        build_twin("base", {"a": "a"}, {"a": "x"}, tmp_path / "out", scale=float("nan"))
+    assert not (tmp_path / "out").exists()

@@ -4,40 +4,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from taskvec.cli_errors import friendly
-from taskvec.errors import IncompatibleError
-
-F = TypeVar("F", bound=Callable[..., Any])
+from taskvec.cli_experts import expert_labels, experts_arguments
 
 _friendly = friendly("finished blocks' anchor files are kept and reused by a rerun")
-
-
-def _models(fn: F) -> F:
-    options = [
-        click.argument("base", type=click.Path(path_type=Path)),
-        click.argument("experts", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option(
-            "--names",
-            default=None,
-            help="Comma-separated task names (default: the expert folders' names).",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Torch threads (default: the cores not busy now).",
-        ),
-        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 def open_fda(
@@ -51,11 +26,8 @@ def open_fda(
     from taskvec.fda.pipeline import FDA
     from taskvec.forward import set_threads
 
-    labels = names.split(",") if names else [p.name for p in experts]
-    if len(labels) != len(experts) or len(set(labels)) != len(labels):
-        raise IncompatibleError("--names must give one distinct name per expert")
     set_threads(threads)
-    return FDA(base, dict(zip(labels, experts, strict=True)), device)
+    return FDA(base, dict(zip(expert_labels(names, experts), experts, strict=True)), device)
 
 
 def _block_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -85,7 +57,7 @@ def fda() -> None:
 
 
 @fda.command()
-@_models
+@experts_arguments
 @click.option(
     "-o",
     "--out",
@@ -173,7 +145,7 @@ def construct(
 
 
 @fda.command()
-@_models
+@experts_arguments
 @click.option(
     "--anchors",
     "anchor_dir",

@@ -54,19 +54,34 @@ def stack_shapes(folder: str | Path) -> list[tuple[int, int]]:
 
 
 def load_stack(folder: str | Path) -> MLPStack:
+    """The stack in float64; one line if a weight is NaN or infinite (the merge would be)."""
     n = len(stack_shapes(folder))
     with safe_open(Path(folder) / "model.safetensors", "pt") as f:
         ws = tuple(f.get_tensor(f"layers.{i}.weight").double().numpy() for i in range(n))
         bs = tuple(f.get_tensor(f"layers.{i}.bias").double().numpy() for i in range(n))
+    for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise CheckpointError(f"{folder}: layer {i} holds NaN or infinite values")
     return MLPStack(ws, bs)
 
 
 def data_shape(path: str | Path) -> tuple[int, ...]:
-    """The shape of a ``.npy`` data file, from its header; one line if it is not one."""
+    """The shape of a numeric ``.npy`` data file, from its header; one line if it is not one."""
     try:
-        return tuple(np.load(path, mmap_mode="r").shape)
+        array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise ConfigError(f"data {path}: not a readable .npy array ({e})") from None
+    if array.dtype.kind not in "biuf":
+        raise ConfigError(f"data {path}: a .npy array of numbers is needed, not {array.dtype}")
+    return tuple(array.shape)
+
+
+def load_data(path: str | Path) -> np.ndarray:
+    """The data array in float64; one line if it holds NaN or infinite values."""
+    x = np.load(path).astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ConfigError(f"data {path}: holds NaN or infinite values")
+    return x
 
 
 def save_stack(

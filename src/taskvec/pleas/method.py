@@ -17,7 +17,7 @@ from taskvec.config import MergeConfig
 from taskvec.errors import ConfigError, TaskvecError
 from taskvec.methods.pipeline import DataPlan, PipelineMethod
 from taskvec.pleas.baselines import permute_average
-from taskvec.pleas.folder import data_shape, load_stack, save_stack, stack_shapes
+from taskvec.pleas.folder import data_shape, load_data, load_stack, save_stack, stack_shapes
 from taskvec.pleas.solve import pleas_merge
 
 
@@ -69,7 +69,7 @@ def plan_stacks(method: PipelineMethod, cfg: MergeConfig, config_dir: Path | Non
 def run_stacks(plan: StackPlan, out: Path, *, overwrite: bool = False, **_: Any) -> Path:
     """Load, merge in order, write an MLP stack folder (float32)."""
     files = dict.fromkeys(plan.data.values())  # a file named by several models counts once
-    x = np.concatenate([np.load(p).astype(np.float64) for p in files])
+    x = np.concatenate([load_data(p) for p in files])
     stacks = [load_stack(f) for f in plan.experts.values()]
     merged = stacks[0]
     for other in stacks[1:]:

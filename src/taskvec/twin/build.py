@@ -145,6 +145,8 @@ def build_twin(
     ``data`` maps each task to its router data (the first ``examples`` inputs are used)."""
     if not 0 < fraction <= 1:
         raise IncompatibleError(f"rank fraction must be in (0, 1], not {fraction}")
+    if not math.isfinite(scale):
+        raise IncompatibleError(f"task-arithmetic scale must be a finite number, not {scale}")
     out_path = Path(out).expanduser().absolute()
     check_output_path(out_path, overwrite)
     inputs = check_inputs(base, experts, data, shared, scale)

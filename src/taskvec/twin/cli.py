@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from taskvec.cli_errors import friendly
-from taskvec.errors import IncompatibleError
-from taskvec.fda.cli import _models
+from taskvec.cli_experts import expert_labels, experts_arguments
 from taskvec.twin.build import DEFAULT_FRACTION, DEFAULT_SCALE, RouterDataError
 
 _friendly = friendly()
@@ -34,7 +33,7 @@ def twin() -> None:
 
 
 @twin.command("build")
-@_models
+@experts_arguments
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Twin folder.")
 @click.option(
     "--data",
@@ -94,9 +93,7 @@ def build_cmd(
     from taskvec.forward import set_threads
     from taskvec.twin.build import build_twin
 
-    labels = names.split(",") if names else [p.name for p in experts]
-    if len(labels) != len(experts) or len(set(labels)) != len(labels):
-        raise IncompatibleError("--names must give one distinct name per expert")
+    labels = expert_labels(names, experts)
     set_threads(threads)
     path = build_twin(
         base,
