@@ -136,7 +136,11 @@ def _learning(model: torch.nn.Module, precision: Precision) -> Iterator[None]:
     dense = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and not m.sparse]
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None)
-    switch = precision == "bfloat16" and attention not in (None, "eager")
+    switch = (
+        precision == "bfloat16"
+        and attention not in (None, "eager")
+        and hasattr(model, "set_attn_implementation")  # older transformers: left as it is
+    )
     for m in dense:
         m.sparse = True
     if switch:
