@@ -115,9 +115,10 @@ def _merge_accuracy(bench: Bench, label: str, codec: str, split: str, scratch: P
 
 
 def run(
-    preset: str, codecs: list[str], methods: list[str], split: str, out: Path
+    preset: str, codecs: list[str], methods: list[str], split: str, out: Path | None
 ) -> dict[str, Any]:
-    """Measure every codec; the results so far are written to ``out`` after each one."""
+    """Measure every codec; the results so far are written to ``out`` after each one (with
+    ``out`` None, only the stored sizes are measured: nothing is evaluated or written)."""
     bench = Bench.open(preset, progress=False)
     results: dict[str, Any] = {"preset": preset, "split": split, "tasks": bench.tasks}
     scratch = Path(tempfile.mkdtemp(prefix="store-retention-"))
@@ -129,6 +130,10 @@ def run(
             for codec in ["exact", *[c for c in codecs if c != "exact"]]:
                 start = time.perf_counter()
                 row = _store_codec(bench, store, codec)
+                if out is None:
+                    rows[codec] = row
+                    print(f"{codec}: {row['bits_per_parameter']:.3f} bits", file=sys.stderr)
+                    continue
                 row["experts"] = _experts(bench, store, codec, split)
                 row["merges"] = {}
                 for label in methods:
@@ -215,9 +220,16 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, default=RESULTS / "store-retention")
+    p.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help="measure the stored bytes only (of a lossless variant of a measured codec)",
+    )
     args = p.parse_args()
     codecs, methods = args.codecs.split(","), args.methods.split(",")
-    print(markdown(run(args.preset, codecs, methods, args.split, args.out)))
+    results = run(args.preset, codecs, methods, args.split, None if args.sizes_only else args.out)
+    if not args.sizes_only:
+        print(markdown(results))
 
 
 def write(results: dict[str, Any], out: Path) -> None:

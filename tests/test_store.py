@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 from conftest import Family, load_folder, run_cli
 from test_foundation_errors import one_error_line
 
@@ -175,6 +176,7 @@ def test_equip_refuses_another_base_before_reading_weights(
         raise AssertionError("a blob or a base was hashed")
 
     monkeypatch.setattr("taskvec.store.blobs.file_sha256", no_hashing)
+    monkeypatch.setattr("taskvec.store.blobs.file_checksum", no_hashing)
     monkeypatch.setattr("taskvec.store.equip.content_fingerprint", no_hashing)
     res = run_cli("store", "equip", bert.base, "a", "-o", out, "--store", store.root)
     line = one_error_line(res, rec.base_fingerprint, rec.base_header, "h1:", str(bert.base))
@@ -192,9 +194,17 @@ def test_a_corrupt_blob_is_named_and_never_used(
 ) -> None:
     store = Store(tmp_path / "s", create=True)
     rec = store.add("a", taus[0], codec="int4")
+    assert (
+        rec.blob_checksum
+        == xxhash.xxh3_128(blob_path(store.blobs, rec.blob).read_bytes()).hexdigest()
+    )
     path = blob_path(store.blobs, rec.blob)
     _corrupt(path)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt \\(xxh3-128"):
+        store.vector("a")
+    rec.blob_checksum = None  # a record without a checksum: its sha256 is checked
+    store.catalogue.insert(rec, replace=True)
+    with pytest.raises(CheckpointError, match="corrupt \\(sha256"):
         store.vector("a")
     out = tmp_path / "out"
     res = run_cli("store", "equip", llama.base, "a", "-o", out, "--store", store.root)
@@ -212,7 +222,7 @@ def test_export_and_import_move_vectors(llama: Family, taus: list[Path], tmp_pat
     res = run_cli("store", "import", bundle, "--store", dst.root)
     assert res.exit_code == 0, res.output
     for name in ("a", "b"):
-        assert dst.get(name).to_json() == src.get(name).to_json()
+        assert dst.get(name).to_json() == src.get(name).to_json()  # checksums taken again
         a, b = src.vector(name).state_dict(), dst.vector(name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     res = run_cli("store", "import", bundle, "--store", dst.root)  # names taken
@@ -394,3 +404,54 @@ def test_a_catalogue_from_a_newer_taskvec_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(store.root / "catalogue.sqlite") as db:
         db.execute("PRAGMA user_version = 99")
     one_error_line(run_cli("store", "list", "--store", store.root), "version 99", "newer taskvec")
+
+
+def test_a_task_vector_with_nan_is_refused_and_leaves_nothing_behind(
+    taus: list[Path], tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in taus[0].iterdir():
+        if f.suffix != ".safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+            continue
+        with safe_open(f, "pt") as src:
+            meta = src.metadata()
+            tensors = {k: src.get_tensor(k) for k in src.keys()}  # noqa: SIM118
+        name = sorted(tensors)[-1]
+        tensors[name].view(-1)[0] = float("nan")
+        save_file(tensors, bad / f.name, metadata=meta)
+    root = tmp_path / "s"
+    store = Store(root, create=True)
+    for codec in ("int4", "exact"):
+        one_error_line(run_cli("store", "add", "x", bad, "--codec", codec, "--store", root),
+                       "NaN or infinite")  # fmt: skip
+    assert store.names() == []
+    assert not list((root / "scratch").glob("*")) and not list((root / "blobs").rglob("*.*"))
+
+
+def test_import_takes_the_checksums_again_rather_than_trusting_the_bundle(
+    taus: list[Path], tmp_path: Path
+) -> None:
+    import io
+
+    src = Store(tmp_path / "src", create=True)
+    want = src.add("a", taus[0], codec="int4").blob_checksum
+    bundle, forged = tmp_path / "x.tvbundle", tmp_path / "forged.tvbundle"
+    assert run_cli("store", "export", "a", "-o", bundle, "--store", src.root).exit_code == 0
+    with tarfile.open(bundle) as tar, tarfile.open(forged, "w") as out:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+            if m.name == "records.json":
+                records = json.loads(data)
+                records[0]["blob_checksum"] = "0" * 32
+                data = json.dumps(records).encode()
+                m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+    dst = Store(tmp_path / "dst", create=True)
+    assert run_cli("store", "import", forged, "--store", dst.root).exit_code == 0
+    assert dst.get("a").blob_checksum == want
+    dst.vector("a")  # opens: the checksum taken here matches

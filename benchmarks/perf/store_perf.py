@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -115,15 +116,14 @@ def main() -> None:
             runs.setdefault(label, []).append(timed([str(c) for c in cmd], env))
     shutil.rmtree(out, ignore_errors=True)
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
-    result = {
-        "models": str(models),
-        "runs": runs,
-        "best": best,
-        "add_over_read": round(best["store_add_int4"]["seconds"] / best["read"]["seconds"], 2),
-        "equip_over_ta": round(
-            best["equip_3_int4"]["seconds"] / best["merge_task_arithmetic"]["seconds"], 2
-        ),
-    }
+    fastest = {k: r["seconds"] for k, r in best.items()}
+    median = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    result: dict[str, Any] = {"models": str(models), "runs": runs, "best": best, "median": median}
+    for label, seconds in (("", fastest), ("_median", median)):
+        result[f"add_over_read{label}"] = round(seconds["store_add_int4"] / seconds["read"], 2)
+        result[f"equip_over_ta{label}"] = round(
+            seconds["equip_3_int4"] / seconds["merge_task_arithmetic"], 2
+        )
     print(json.dumps(result, indent=1))
     if not args.tiny:
         stamp = time.strftime("%Y-%m-%d-%H%M%S")

@@ -3,8 +3,11 @@
 A blob is written tensor by tensor into a scratch file (:class:`BlobWriter`: the header last,
 into room reserved for it), fsynced, hashed and renamed to
 ``blobs/<2 hex>/<sha256>.safetensors``: a blob is whole or absent, and two writers of the same
-content write the same name. Every read checks the sha256 first (:func:`verified_blob`): a
-corrupt blob is named in the error and never used.
+content write the same name. Every read checks the blob first (:func:`verified_blob`) against
+its xxh3-128 checksum, taken with the sha256 when the blob was written here (about 15× faster
+to check: sha256 cost equipping three int4 vectors of a 1.1B model a second), or against
+its sha256 where the record has no checksum: a corrupt blob is named in the error and never
+used. Blobs from elsewhere (bundles) are checked by sha256 and get their checksum here.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ import os
 import secrets
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
+import xxhash
 
 from taskvec.errors import CheckpointError
+from taskvec.io.background_writes import Write, WriteQueue
 from taskvec.io.checkpoint import SafetensorsFile
 from taskvec.io.dtypes import CODE_OF_DTYPE
 from taskvec.io.durable import fsync_path
 
 _COPY = 8 << 20
+_QUEUED = 64 << 20  # bytes of encoded tensors that may wait for the writing thread
 
 
 def blob_path(blobs: Path, digest: str, suffix: str = ".safetensors") -> Path:
@@ -34,11 +41,20 @@ def blob_path(blobs: Path, digest: str, suffix: str = ".safetensors") -> Path:
 
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes, streamed."""
-    h = hashlib.sha256()
+    return _file_digests(path, hashlib.sha256())[0]
+
+
+def file_checksum(path: Path) -> str:
+    """The xxh3-128 checksum of a file's bytes (hex), streamed."""
+    return _file_digests(path, xxhash.xxh3_128())[0]
+
+
+def _file_digests(path: Path, *hashers: Any) -> list[str]:
     with open(path, "rb") as f:
         while chunk := f.read(_COPY):
-            h.update(chunk)
-    return h.hexdigest()
+            for h in hashers:
+                h.update(chunk)
+    return [h.hexdigest() for h in hashers]
 
 
 def scratch_name(folder: Path, suffix: str) -> Path:
@@ -48,19 +64,20 @@ def scratch_name(folder: Path, suffix: str) -> Path:
 
 def install(
     blobs: Path, scratch: Path, sources: Iterable[BinaryIO], suffix: str
-) -> tuple[str, int]:
+) -> tuple[str, str, int]:
     """Copy ``sources`` one after the other into a scratch file while hashing them, fsync it
-    and rename it to its blob name: (sha256, size). The same content gets the same name, so
-    a concurrent writer of it replaces it with identical bytes."""
+    and rename it to its blob name: (sha256, xxh3-128 checksum, size). The same content gets
+    the same name, so a concurrent writer of it replaces it with identical bytes."""
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = scratch_name(scratch, suffix)
-    h = hashlib.sha256()
+    h, check = hashlib.sha256(), xxhash.xxh3_128()
     size = 0
     try:
         with open(tmp, "wb") as out:
             for src in sources:
                 while chunk := src.read(_COPY):
                     h.update(chunk)
+                    check.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
             out.flush()
@@ -71,7 +88,7 @@ def install(
         fsync_path(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return h.hexdigest(), size
+    return h.hexdigest(), check.hexdigest(), size
 
 
 _PART_BOUND = 200  # JSON bytes of one header entry, beyond its name (dtype, shape, offsets)
@@ -82,7 +99,9 @@ class BlobWriter:
 
     The header's room is reserved up front from the tensor names (``names``, at most
     ``parts`` parts each, named ``name::part``), so the tensors' bytes are written once, in
-    place; the header is written last, padded with spaces as the safetensors format allows.
+    place, by a background thread that also starts their disk writes (see
+    :mod:`taskvec.io.background_writes`): the caller goes on encoding meanwhile. The header is
+    written last, padded with spaces as the safetensors format allows.
     """
 
     def __init__(
@@ -95,15 +114,17 @@ class BlobWriter:
         meta = len(json.dumps(self._header))
         room = meta + sum(parts * (len(json.dumps(n)) + _PART_BOUND) for n in names)
         self._room = room + (-room % 8)
-        self._file = open(self._path, "wb")  # noqa: SIM115 (closed in finish/abort)
-        self._file.seek(8 + self._room)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._queue = WriteQueue(_QUEUED)
         self._offset = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor``'s bytes (it must not change afterwards)."""
         t = tensor.detach().contiguous().cpu()
         size = t.numel() * t.element_size()
         if size:
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy())
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            self._queue.put(Write(self._fd, 8 + self._room + self._offset, view, t))
         self._header[name] = {
             "dtype": CODE_OF_DTYPE[t.dtype],
             "shape": list(t.shape),
@@ -111,41 +132,49 @@ class BlobWriter:
         }
         self._offset += size
 
-    def finish(self) -> tuple[str, int]:
-        """Write the header, then move the blob into place; its sha256 and size."""
+    def finish(self) -> tuple[str, str, int]:
+        """Write the header, then move the blob into place: its sha256, xxh3-128 checksum and
+        size. The file is hashed (from the page cache) while ``fsync`` waits for the disk."""
         try:
+            self._queue.drain()
             header = json.dumps(self._header, separators=(",", ":")).encode()
             if len(header) > self._room:
                 raise RuntimeError("blob header larger than the room reserved for it")
-            self._file.seek(0)
-            self._file.write(struct.pack("<Q", self._room) + header.ljust(self._room))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            digest = file_sha256(self._path)
+            os.pwrite(self._fd, struct.pack("<Q", self._room) + header.ljust(self._room), 0)
+            with ThreadPoolExecutor(1) as pool:
+                synced = pool.submit(os.fsync, self._fd)
+                digest, check = _file_digests(self._path, hashlib.sha256(), xxhash.xxh3_128())
+                synced.result()
             final = blob_path(self.blobs, digest)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path, final)  # the same content under the same name: harmless
             fsync_path(final.parent)
-            return digest, final.stat().st_size
+            return digest, check, final.stat().st_size
         finally:
             self.abort()
 
     def abort(self) -> None:
-        self._file.close()
+        """Stop writing and drop the scratch file (a no-op after :meth:`finish`)."""
+        self._queue.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._path.unlink(missing_ok=True)
 
 
-def verified_blob(blobs: Path, digest: str, what: str) -> SafetensorsFile:
-    """The blob ``digest`` opened for reading after checking its sha256 (``what`` names it in
-    errors)."""
+def verified_blob(blobs: Path, digest: str, what: str, checksum: str | None) -> SafetensorsFile:
+    """The blob ``digest`` opened for reading after checking its xxh3-128 ``checksum`` (its
+    sha256 when None); ``what`` names it in errors."""
     path = blob_path(blobs, digest)
     if not path.is_file():
         raise CheckpointError(f"{what}: blob {path} is missing from the store")
-    actual = file_sha256(path)
-    if actual != digest:
+    if checksum is not None:
+        actual, want, kind = file_checksum(path), checksum, "xxh3-128"
+    else:
+        actual, want, kind = file_sha256(path), digest, "sha256"
+    if actual != want:
         raise CheckpointError(
-            f"{what}: blob {path} is corrupt (sha256 {actual[:16]}…, expected {digest[:16]}…); "
+            f"{what}: blob {path} is corrupt ({kind} {actual[:16]}…, expected {want[:16]}…); "
             "it is not used"
         )
     return SafetensorsFile(path)

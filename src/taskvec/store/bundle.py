@@ -100,28 +100,30 @@ def import_bundle(store: Store, bundle: Path, replace: bool = False) -> list[str
                 f"{bundle}: the store already holds {', '.join(map(repr, taken))} (use --replace)"
             )
         wanted = {r.blob for r in records} | {d for r in records for d in r.artefacts.values()}
-        found: set[str] = set()
+        found: dict[str, str] = {}  # sha256 -> checksum taken here (a bundle's is not trusted)
         store.scratch.mkdir(parents=True, exist_ok=True)
         with store.writing():
             for m in tar.getmembers():
                 stem, suffix = Path(m.name).stem, Path(m.name).suffix
                 if not m.name.startswith("blobs/") or suffix not in _SUFFIXES or stem not in wanted:
                     continue
-                _copy_blob(store, tar, m, stem, suffix, bundle)
-                found.add(stem)
-            if missing := wanted - found:
+                found[stem] = _copy_blob(store, tar, m, stem, suffix, bundle)
+            if missing := wanted - set(found):
                 raise CheckpointError(f"{bundle}: lacks blob {sorted(missing)[0]}")
             for r in records:
+                r.blob_checksum = found[r.blob]
                 store.catalogue.insert(r, replace=replace)
     return [r.name for r in records]
 
 
 def _copy_blob(
     store: Store, tar: tarfile.TarFile, m: tarfile.TarInfo, digest: str, suffix: str, bundle: Path
-) -> None:
+) -> str:
+    """Install the bundle's blob ``m`` after checking its sha256; its checksum."""
     src = tar.extractfile(m)
     if src is None:
         raise CheckpointError(f"{bundle}: {m.name} is not a file")
-    got, _ = install(store.blobs, store.scratch, [src], suffix)
+    got, checksum, _ = install(store.blobs, store.scratch, [src], suffix)
     if got != digest:
         raise CheckpointError(f"{bundle}: blob {m.name} is corrupt (its sha256 is {got[:16]}…)")
+    return checksum

@@ -151,12 +151,13 @@ def _record(
             yield t.name, parts
 
     with store.writing():
-        digest, size = store.write_blob([t.name for t in record.tensors], recoded())
+        digest, checksum, size = store.write_blob([t.name for t in record.tensors], recoded())
         out = dataclasses.replace(
             record,
             name=name,
             blob=digest,
             blob_bytes=size,
+            blob_checksum=checksum,
             tensors=tensors,
             codec=f"{record.codec}+calibrated",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

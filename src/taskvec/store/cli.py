@@ -100,7 +100,7 @@ def add_cmd(
     if group_size is not None or minmax:
         if not codec.startswith("int") or "/" in codec:
             raise ConfigError("--group-size and --minmax go with a plain intN codec (e.g. int4)")
-        codec = f"{codec}/g{group_size or 128}/{'minmax' if minmax else 'absmax'}/huff"
+        codec = f"{codec}/g{group_size or 128}/{'minmax' if minmax else 'absmax'}/zstd"
     score_values = {k: float(v) for k, v in _pairs(scores, "--score").items()}
     rec = Store(root, create=True).add(
         name,

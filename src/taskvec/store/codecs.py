@@ -13,11 +13,12 @@ the stored bytes (:func:`bits_per_parameter`); the store records them with the r
   groups of ``G`` entries. absmax (symmetric): s = max|x| / (2^{b−1} − 1), q = round(x/s),
   x̂ = q·s; min–max (asymmetric): s = (max − min)/(2^b − 1), q = round((x − min)/s),
   x̂ = min + q·s. Both err by at most s/2 per entry. b bits per entry plus 32/G (absmax) or
-  64/G (min–max) for the float32 scales and minima. With ``/huff`` (the default of a bare
-  ``intN``: ``int4`` is ``int4/g128/absmax/huff``) the packed codes are then Huffman-coded
-  losslessly (raw deflate by ISA-L), in independent chunks of ``_GROUPS_PER_CHUNK`` groups
-  with their byte offsets, so a row range still decodes alone: τ's codes crowd the levels near
-  zero (about 1.9 bits per int4 code on the benchmark's experts instead of 4).
+  64/G (min–max) for the float32 scales and minima. With ``/zstd`` (the default of a bare
+  ``intN``: ``int4`` is ``int4/g128/absmax/zstd``) the packed codes are then entropy-coded
+  losslessly (Zstandard frames, whose literals are Huffman-coded), in independent chunks of
+  ``_GROUPS_PER_CHUNK`` groups with their byte offsets, so a row range still decodes alone:
+  τ's codes crowd the levels near zero (about 1.9 bits per int4 code on the benchmark's
+  experts instead of 4).
 * ``topk``: the ⌈d·n⌉ entries of largest |τ| with their flat int32/int64 indices; about
   d·(32 + 16) bits for a bfloat16 τ.
 * ``dare`` (Yu et al., arXiv 2311.03099): keep each entry with probability 1 − p from a
@@ -40,16 +41,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 
+import numpy as np
 import torch
-from isal import isal_zlib
+import zstandard
 
 from taskvec.engine import job_parts
 from taskvec.errors import ConfigError
+from taskvec.store import kernels
 
 Parts = Mapping[str, torch.Tensor]
 Shape = tuple[int, ...]
 Rows = tuple[int, int] | None
-_GROUPS_PER_CHUNK = 4096  # quantise (and Huffman-code, part of the /huff format) in such pieces
+_GROUPS_PER_CHUNK = 4096  # quantise (and compress, part of the /zstd format) in such pieces
+_ZSTD_LEVEL = 3
 MAX_PARTS = 4  # the most parts a codec stores per tensor
 
 
@@ -173,8 +177,9 @@ class GroupQuant(Codec):
     absmax: s = max|x|/(2^{b−1} − 1), x̂ = s·round(x/s); min–max: s = (max − min)/(2^b − 1),
     x̂ = min + s·round((x − min)/s). |x − x̂| ≤ s/2. b + 32/G bits per entry (absmax), or
     b + 64/G (min–max), for groups of G entries with float32 scales and minima; with
-    ``entropy`` the packed codes of every piece of ``_GROUPS_PER_CHUNK`` groups are Huffman-coded
-    (parts ``zcodes`` and their offsets ``zoff``) instead of stored as they are (``codes``)."""
+    ``entropy`` the packed codes of every piece of ``_GROUPS_PER_CHUNK`` groups are a
+    Zstandard frame (parts ``zcodes`` and their offsets ``zoff``) instead of stored as they
+    are (``codes``)."""
 
     bits: int
     group: int
@@ -190,45 +195,32 @@ class GroupQuant(Codec):
     def encode_measured(
         self, tau: torch.Tensor, name: str
     ) -> tuple[dict[str, torch.Tensor], float]:
-        """In pieces of whole groups (bounded memory); the error from each piece's
-        reconstruction, by the same arithmetic as :meth:`decode`."""
-        flat = tau.reshape(-1)
-        step = self.group * _GROUPS_PER_CHUNK
-        pieces, err2 = [], 0.0
-        for i in range(0, flat.numel(), step):
-            parts, e = self._encode_piece(flat[i : i + step])
-            pieces.append(parts)
-            err2 += e
-        parts = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0] if k != "codes"}
+        """In pieces of ``_GROUPS_PER_CHUNK`` groups (compiled, see
+        :func:`taskvec.store.kernels.quantise`); the error from each entry's reconstruction."""
+        flat = kernels.kernel_input(tau)
+        groups = -(-flat.size // self.group)
+        codes = np.empty(groups * self.group * self.bits // 8, np.uint8)
+        scale, low = np.empty(groups, np.float32), np.empty(groups, np.float32)
+        step, per_group = self.group * _GROUPS_PER_CHUNK, self.group * self.bits // 8
+        err2, zipped = 0.0, []
+        for c, i in enumerate(range(0, flat.size, step)):
+            g = slice(c * _GROUPS_PER_CHUNK, c * _GROUPS_PER_CHUNK + _GROUPS_PER_CHUNK)
+            piece = codes[g.start * per_group : g.stop * per_group]
+            x = flat[i : i + step]
+            err2 += kernels.quantise(
+                x, self.group, self.bits, self.symmetric, piece, scale[g], low[g]
+            )
+            if self.entropy:
+                zipped.append(_compress(piece))
+        parts = {"scale": torch.from_numpy(scale)}
+        if not self.symmetric:
+            parts["min"] = torch.from_numpy(low)
         if self.entropy:
-            zipped = [_deflate(p["codes"]) for p in pieces]
             parts["zcodes"] = torch.cat(zipped)
             parts["zoff"] = torch.tensor([0] + [z.numel() for z in zipped]).cumsum(0)
         else:
-            parts["codes"] = torch.cat([p["codes"] for p in pieces])
+            parts["codes"] = torch.from_numpy(codes)
         return parts, err2
-
-    def _encode_piece(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
-        n = flat.numel()
-        flat = flat.float()
-        pad = -n % self.group
-        x = (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).reshape(-1, self.group)
-        levels = self._levels()
-        if self.symmetric:
-            scale = x.abs().amax(1) / levels
-            safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
-            q = torch.round(x / safe).clamp_(-levels, levels)
-            decoded = q * scale.unsqueeze(1)
-            parts = {"scale": scale, "codes": pack_bits(q.add_(levels).reshape(-1), self.bits)}
-        else:
-            low = x.amin(1)
-            scale = (x.amax(1) - low) / levels
-            safe = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
-            q = torch.round((x - low.unsqueeze(1)) / safe).clamp_(0, levels)
-            decoded = low.unsqueeze(1) + q * scale.unsqueeze(1)
-            parts = {"scale": scale, "min": low, "codes": pack_bits(q.reshape(-1), self.bits)}
-        diff = decoded.reshape(-1)[:n].sub_(flat)
-        return parts, float(torch.dot(diff, diff))
 
     def decode(self, parts: Parts, shape: Shape, rows: Rows, name: str) -> torch.Tensor:
         start, stop = _span(shape, rows)
@@ -236,35 +228,40 @@ class GroupQuant(Codec):
         per_group = self.group * self.bits // 8
         if self.entropy:
             c0 = g0 // _GROUPS_PER_CHUNK
-            packed = _inflate(parts, c0, -(-g1 // _GROUPS_PER_CHUNK))
+            codes = _decompress(parts, c0, -(-g1 // _GROUPS_PER_CHUNK))
             first = (g0 - c0 * _GROUPS_PER_CHUNK) * per_group
-            packed = packed[first : first + (g1 - g0) * per_group]
+            codes = codes[first : first + (g1 - g0) * per_group]
         else:
-            packed = part_rows(parts, "codes", g0 * per_group, g1 * per_group)
-        codes = unpack_bits(packed, self.bits)
-        x = codes.reshape(-1, self.group).float()
-        scale = part_rows(parts, "scale", g0, g1).float().unsqueeze(1)
-        if self.symmetric:  # q − levels is exact: the same x̂ as encoding computed
-            x.sub_(self._levels()).mul_(scale)
+            codes = part_rows(parts, "codes", g0 * per_group, g1 * per_group).numpy()
+        scale = part_rows(parts, "scale", g0, g1).float().numpy()
+        if self.symmetric:
+            low = np.zeros_like(scale)
         else:
-            x.mul_(scale).add_(part_rows(parts, "min", g0, g1).float().unsqueeze(1))
+            low = part_rows(parts, "min", g0, g1).float().numpy()
+        out = np.empty((g1 - g0) * self.group, np.float32)
+        kernels.dequantise(codes, scale, low, self.group, self.bits, self.symmetric, out)
         offset = start - g0 * self.group
-        return x.reshape(-1)[offset : offset + stop - start].reshape(_shape_of(shape, rows))
+        x = torch.from_numpy(out)[offset : offset + stop - start]
+        return x.reshape(_shape_of(shape, rows))
 
 
-def _deflate(packed: torch.Tensor) -> torch.Tensor:
-    """Packed codes as a raw deflate stream by ISA-L at level 1 (its fast setting: as compact
-    as zlib's Huffman-only mode on τ codes, about 4× faster; any inflater reads it)."""
-    data = isal_zlib.compress(packed.numpy().tobytes(), 1, -15)
+def _compress(packed: np.ndarray) -> torch.Tensor:
+    """Packed codes as one Zstandard frame (level 3: as compact as a Huffman code of the
+    bytes on τ codes, and decoded at over 1 GB/s)."""
+    data = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(packed)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _inflate(parts: Parts, c0: int, c1: int) -> torch.Tensor:
-    """The packed codes of Huffman-coded chunks ``[c0, c1)``, reading only their bytes."""
+def _decompress(parts: Parts, c0: int, c1: int) -> np.ndarray:
+    """The packed codes of the compressed chunks ``[c0, c1)``, reading only their bytes."""
     off = [int(o) for o in part_rows(parts, "zoff", c0, c1 + 1)]
-    data = part_rows(parts, "zcodes", off[0], off[-1]).numpy().tobytes()
-    chunks = [isal_zlib.decompress(data[a - off[0] : b - off[0]], -15) for a, b in pairwise(off)]
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    data = part_rows(parts, "zcodes", off[0], off[-1]).numpy()
+    unzip = zstandard.ZstdDecompressor()
+    chunks = [
+        np.frombuffer(unzip.decompress(data[a - off[0] : b - off[0]]), np.uint8)
+        for a, b in pairwise(off)
+    ]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 @dataclass(frozen=True)
@@ -380,7 +377,7 @@ class Sign(Codec):
 
 # --- the registry ---------------------------------------------------------------------------
 
-_QUANT = re.compile(r"int([2348])(?:/g(\d+))?(?:/(absmax|minmax))?(/huff)?")
+_QUANT = re.compile(r"int([2348])(?:/g(\d+))?(?:/(absmax|minmax))?(/zstd)?")
 
 
 def _number(text: str, what: str, cast: Callable[[str], float]) -> float:
@@ -391,8 +388,8 @@ def _number(text: str, what: str, cast: Callable[[str], float]) -> float:
 
 
 def parse_codec(spec: str) -> Codec:
-    """The codec a spec names: ``exact``, ``int4`` (= ``int4/g128/absmax/huff``;
-    ``int4/g128/absmax`` stores the codes as they are, ``int3/g64/minmax/huff``),
+    """The codec a spec names: ``exact``, ``int4`` (= ``int4/g128/absmax/zstd``;
+    ``int4/g128/absmax`` stores the codes as they are, ``int3/g64/minmax/zstd``),
     ``topk/0.1``, ``dare/0.9/s42``, ``lowrank/r16`` or ``lowrank/e0.9``, ``sign``."""
     spec = spec.strip().lower()
     if spec == "exact":
@@ -403,9 +400,9 @@ def parse_codec(spec: str) -> Codec:
         bits, group, mode = int(m[1]), int(m[2] or 128), m[3] or "absmax"
         if group < 8 or group % 8:
             raise ConfigError(f"codec {spec!r}: the group size must be a multiple of 8")
-        huff = bool(m[4]) or spec == f"int{bits}"
-        name = f"int{bits}/g{group}/{mode}" + ("/huff" if huff else "")
-        return GroupQuant(name, bits, group, mode == "absmax", huff)
+        zstd = bool(m[4]) or spec == f"int{bits}"
+        name = f"int{bits}/g{group}/{mode}" + ("/zstd" if zstd else "")
+        return GroupQuant(name, bits, group, mode == "absmax", zstd)
     head, _, rest = spec.partition("/")
     args = rest.split("/") if rest else []
     if head == "topk" and len(args) == 1:
@@ -428,7 +425,7 @@ def parse_codec(spec: str) -> Codec:
             raise ConfigError(f"codec {spec!r}: the energy fraction must be in (0, 1]")
         return LowRank(f"lowrank/e{value:g}", None, value)
     raise ConfigError(
-        f"unknown codec {spec!r}; use exact, int8|int4|int3|int2[/gN][/absmax|minmax][/huff], "
+        f"unknown codec {spec!r}; use exact, int8|int4|int3|int2[/gN][/absmax|minmax][/zstd], "
         "topk/DENSITY, dare/P/sSEED, lowrank/rR or lowrank/eFRACTION, sign"
     )
 

@@ -69,6 +69,7 @@ class VectorRecord:
     scores: dict[str, float] = field(default_factory=dict)
     artefacts: dict[str, str] = field(default_factory=dict)  # kind -> blob sha256
     residual_of: str | None = None  # a stored vector this one is an offset on (RTVQ)
+    blob_checksum: str | None = None  # xxh3-128 of the blob, checked on read (else sha256)
 
     @property
     def params(self) -> int:

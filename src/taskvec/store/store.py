@@ -28,12 +28,19 @@ import torch
 
 from taskvec.algebra import Model, StoredVector, TaskVector, base_mismatch, load, load_model
 from taskvec.engine import default_threads, parallel_map
-from taskvec.errors import CheckpointError, ConfigError, IncompatibleError, OutputError
+from taskvec.errors import (
+    CheckpointError,
+    ConfigError,
+    IncompatibleError,
+    NumericError,
+    OutputError,
+)
 from taskvec.io.dtypes import dtype_name
 from taskvec.peft_lora import is_adapter, load_adapter
+from taskvec.store import kernels
 from taskvec.store.blobs import BlobWriter, blob_path, file_sha256, scratch_name
 from taskvec.store.catalogue import Catalogue, NameTaken
-from taskvec.store.codecs import MAX_PARTS, Codec, bits_per_parameter, parse_codec, row_chunks
+from taskvec.store.codecs import MAX_PARTS, Codec, bits_per_parameter, parse_codec
 from taskvec.store.records import TensorRecord, VectorRecord, header_hash
 from taskvec.store.vector import BlobCheckpoint
 
@@ -53,12 +60,10 @@ def _encode(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``target`` encoded, its error relative to ``whole`` (τ; ``target`` is τ itself or an
     offset from a shared base), bits and statistics of ``whole``."""
+    norm2, nonzero = kernels.moments(kernels.kernel_input(whole))
+    if not math.isfinite(norm2):
+        raise NumericError(f"tensor {name!r} has NaN or infinite entries: nothing stored")
     parts, err2 = codec.encode_measured(target, name)
-    norm2, nonzero = 0.0, 0
-    for rows in row_chunks(tuple(whole.shape)):
-        piece = whole if rows is None else whole[rows[0] : rows[1]]
-        norm2 += float(torch.linalg.vector_norm(piece, dtype=torch.float32)) ** 2
-        nonzero += int(torch.count_nonzero(piece))
     norm = math.sqrt(norm2)
     stats = {
         "bits": bits_per_parameter(parts, whole.numel()),
@@ -232,7 +237,7 @@ class Store:
         residual: TaskVector | None = None,
     ) -> VectorRecord:
         """Encode ``tau`` (minus ``residual``) into a blob and record it as ``name``."""
-        tensors, digest, size = self._write_blob(tau, codec, threads, residual)
+        tensors, (digest, checksum, size) = self._write_blob(tau, codec, threads, residual)
         base = tau._base_record()
         rec = VectorRecord(
             name=name,
@@ -244,6 +249,7 @@ class Store:
             base_path=None if base is None else _absolute(base.path),
             tensors=tensors,
             blob_bytes=size,
+            blob_checksum=checksum,
             **about,
         )
         self.catalogue.insert(rec, replace=replace)
@@ -251,9 +257,9 @@ class Store:
 
     def write_blob(
         self, names: list[str], parts: Iterable[tuple[str, Mapping[str, torch.Tensor]]]
-    ) -> tuple[str, int]:
+    ) -> tuple[str, str, int]:
         """A blob of the encoded tensors ``names`` whose parts ``parts`` yields, written as
-        they come; its sha256 and size. Call it holding :meth:`writing`."""
+        they come: its sha256, xxh3-128 checksum and size. Call it holding :meth:`writing`."""
         meta = {"taskvec.kind": "store_blob"}
         writer = BlobWriter(self.blobs, self.scratch, meta, names, MAX_PARTS)
         try:
@@ -267,7 +273,7 @@ class Store:
 
     def _write_blob(
         self, tau: TaskVector, codec: Codec, threads: int | None, residual: TaskVector | None
-    ) -> tuple[list[TensorRecord], str, int]:
+    ) -> tuple[list[TensorRecord], tuple[str, str, int]]:
         specs = tau.specs
         tensors: list[TensorRecord] = []
 
@@ -278,16 +284,15 @@ class Store:
             return name, parts, stats
 
         def encoded() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-            for name, parts, stats in parallel_map(
-                encode, list(specs), threads or default_threads()
-            ):
+            workers = threads or default_threads()
+            for name, parts, stats in parallel_map(encode, list(specs), workers, 4 * workers):
                 spec = specs[name]
                 shape, dtype = tuple(spec.shape), dtype_name(spec.dtype)
                 tensors.append(TensorRecord(name, shape, dtype, codec.spec, tuple(parts), **stats))
                 yield name, parts
 
-        digest, size = self.write_blob(list(specs), encoded())
-        return tensors, digest, size
+        written = self.write_blob(list(specs), encoded())
+        return tensors, written
 
     def _write_folder(self, folder: Path) -> str:
         """A folder (statistics) stored as a tar blob; its sha256."""

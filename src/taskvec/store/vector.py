@@ -58,7 +58,8 @@ class BlobCheckpoint(Checkpoint):
         self.record = record
         self.shared = shared  # the vector this one is an offset on (RTVQ), decoded and added
         self.path = Path(f"{STORE_PREFIX}{record.name}")
-        self._blob = verified_blob(blobs, record.blob, f"stored vector {record.name!r}")
+        what = f"stored vector {record.name!r}"
+        self._blob = verified_blob(blobs, record.blob, what, record.blob_checksum)
         self.root = self._blob.path.parent
         self._files = []
         self._by_name = {}

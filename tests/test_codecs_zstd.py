@@ -1,13 +1,12 @@
-"""The lossless Huffman stage of intN codecs (``/huff``): the same values as the plain codes,
+"""The lossless Zstandard stage of intN codecs (``/zstd``): the same values as the plain codes,
 fewer bytes for τ-like (peaked) tensors, and row ranges that decode alone across chunks."""
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from taskvec.store.codecs import bits_per_parameter, parse_codec
 
@@ -19,17 +18,17 @@ def _peaked(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return -0.01 * torch.sign(u) * torch.log1p(-2 * u.abs())
 
 
-def test_a_bare_intn_is_the_huffman_coded_default_and_explicit_specs_keep_their_meaning() -> None:
-    assert parse_codec("int4").spec == "int4/g128/absmax/huff"
-    assert parse_codec("int2").spec == "int2/g128/absmax/huff"
+def test_a_bare_intn_is_the_compressed_default_and_explicit_specs_keep_their_meaning() -> None:
+    assert parse_codec("int4").spec == "int4/g128/absmax/zstd"
+    assert parse_codec("int2").spec == "int2/g128/absmax/zstd"
     assert parse_codec("int4/g128/absmax").spec == "int4/g128/absmax"  # stored records' meaning
-    assert parse_codec("int3/g64/minmax/huff").spec == "int3/g64/minmax/huff"
+    assert parse_codec("int3/g64/minmax/zstd").spec == "int3/g64/minmax/zstd"
 
 
 @pytest.mark.parametrize("spec", ["int4/g8/absmax", "int3/g8/minmax", "int2/g8/absmax"])
-def test_huffman_coding_is_lossless_and_decodes_row_ranges_across_chunks(spec: str) -> None:
+def test_compression_is_lossless_and_decodes_row_ranges_across_chunks(spec: str) -> None:
     tau = _peaked((1100, 40), seed=1)  # 44000 entries: several chunks of 4096 groups at g8
-    plain, coded = parse_codec(spec), parse_codec(spec + "/huff")
+    plain, coded = parse_codec(spec), parse_codec(spec + "/zstd")
     shape = tuple(tau.shape)
     want = plain.decode(plain.encode(tau, "w"), shape, None, "w")
     parts = coded.encode(tau, "w")
@@ -40,12 +39,13 @@ def test_huffman_coding_is_lossless_and_decodes_row_ranges_across_chunks(spec: s
         assert torch.equal(got, want[rows[0] : rows[1]])
 
 
-def test_the_chunks_are_raw_deflate_streams_of_the_plain_packed_codes() -> None:
+def test_the_chunks_are_zstandard_frames_of_the_plain_packed_codes() -> None:
     tau = _peaked((300, 64), seed=2)
     plain = parse_codec("int4/g16/absmax").encode(tau, "w")
-    coded = parse_codec("int4/g16/absmax/huff").encode(tau, "w")
+    coded = parse_codec("int4/g16/absmax/zstd").encode(tau, "w")
     off, data = coded["zoff"].tolist(), coded["zcodes"].numpy().tobytes()
-    inflated = b"".join(zlib.decompress(data[a:b], -15) for a, b in zip(off, off[1:], strict=False))
+    unzip = zstandard.ZstdDecompressor()
+    inflated = b"".join(unzip.decompress(data[a:b]) for a, b in zip(off, off[1:], strict=False))
     assert inflated == plain["codes"].numpy().tobytes()
     torch.testing.assert_close(coded["scale"], plain["scale"], rtol=0, atol=0)
 
