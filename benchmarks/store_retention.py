@@ -55,7 +55,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {  # label: method, param
 
 
 def _slug(codec: str) -> str:
-    return codec.replace("/", "_").replace(".", "p")
+    return codec.replace("/", "_").replace(".", "p").replace(":", "-").replace("+", "-")
 
 
 def _merge_config(bench: Bench, label: str, codec: str) -> dict[str, Any]:
@@ -70,12 +70,16 @@ def _merge_config(bench: Bench, label: str, codec: str) -> dict[str, Any]:
 
 
 def _store_codec(bench: Bench, store: Store, codec: str) -> dict[str, Any]:
-    """Every expert's τ added with ``codec`` (``rtvq``: a shared 3-bit base and 2-bit offsets):
-    bytes (the shared base's included), bits and errors."""
+    """Every expert's τ added with ``codec`` (``rtvq``: a shared 3-bit base and 2-bit offsets;
+    ``rtvq:SHARED+OFFSETS`` with those codecs): bytes (the shared base's included), bits and
+    errors."""
     base = bench.ref("base")
     sources = {f"{_slug(codec)}-{t}": bench.ref(f"expert:{t}") for t in bench.tasks}
-    if codec == "rtvq":
-        shared, *records = store.add_rtvq("rtvq-shared", sources, base=base)
+    if codec.split(":")[0] == "rtvq":
+        codecs = codec.partition(":")[2].split("+") if ":" in codec else ["int3", "int2"]
+        shared, *records = store.add_rtvq(
+            f"{_slug(codec)}-shared", sources, base=base, shared_codec=codecs[0], codec=codecs[1]
+        )
     else:
         shared, records = (
             None,

@@ -115,6 +115,11 @@ def test_lowrank_is_the_truncated_svd() -> None:
     assert parts_e["v"].shape[0] == int(np.searchsorted(energy, 0.5)) + 1
     vec, _ = _roundtrip("lowrank/r3", _tau((10,)))  # vectors are kept exactly
     np.testing.assert_array_equal(vec, _tau((10,)).numpy())
+    got_t, parts_t = _roundtrip("lowrank/t4", tau)  # TSV-C: one task's share, ⌊18/4⌋ = 4
+    np.testing.assert_allclose(got_t, (u[:, :4] * s[:4]) @ vt[:4], atol=1e-6)
+    assert parts_t["v"].shape == (4, 18)
+    _, parts_t = _roundtrip("lowrank/t40", tau)  # never below rank 1
+    assert parts_t["v"].shape == (1, 18)
 
 
 def test_sign_is_mean_magnitude_times_sign() -> None:
@@ -149,7 +154,9 @@ def test_row_ranges_decode_as_the_whole_tensor_does(spec: str) -> None:
         torch.testing.assert_close(part, whole[rows[0] : rows[1]], rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("spec", ["int5", "int4/g12", "topk/0", "dare/1/s3", "lowrank/r0", "zip"])
+@pytest.mark.parametrize(
+    "spec", ["int5", "int4/g12", "topk/0", "dare/1/s3", "lowrank/r0", "lowrank/t0", "zip"]
+)
 def test_bad_codec_specs_are_refused(spec: str) -> None:
     with pytest.raises(ConfigError):
         parse_codec(spec)

@@ -24,9 +24,10 @@ the stored bytes (:func:`bits_per_parameter`); the store records them with the r
 * ``dare`` (Yu et al., arXiv 2311.03099): keep each entry with probability 1 − p from a
   generator seeded by (seed, tensor name), rescaled by 1/(1 − p); only the kept values are
   stored (the mask is redrawn from the seed): about (1 − p)·16 bits.
-* ``lowrank``: per matrix, the truncated SVD τ ≈ (U_r S_r) V_rᵀ at rank r, or at the smallest
-  rank keeping a fraction e of Σσ² (mergekit-extract-lora, TSV-C arXiv 2412.00081); other
-  tensors exact. r(m + n)·16/(mn) bits for bfloat16 factors.
+* ``lowrank``: per matrix, the truncated SVD τ ≈ (U_r S_r) V_rᵀ at rank r, at the smallest
+  rank keeping a fraction e of Σσ² (mergekit-extract-lora), or at ⌊min(m, n)/T⌋, one task's
+  share of T (TSV-C, arXiv 2412.00081); other tensors exact. r(m + n)·16/(mn) bits for
+  bfloat16 factors.
 * ``sign`` (BitDelta, Liu et al., arXiv 2402.10193): per matrix, τ̂ = α·sign(τ) with
   α = mean|τ| (its scale distillation is :mod:`taskvec.store.calibrate`); 1 bit per entry
   plus one float32; other tensors exact.
@@ -319,12 +320,15 @@ class Dare(Codec):
 
 @dataclass(frozen=True)
 class LowRank(Codec):
-    """τ ≈ (U_r S_r) V_rᵀ per matrix, at rank r = ``rank`` or the smallest r keeping a
-    fraction ``energy`` of Σσ² (TSV-C, arXiv 2412.00081; mergekit-extract-lora):
-    r(m + n)/(mn)·(the dtype's bits) bits per entry; other tensors exact."""
+    """τ ≈ (U_r S_r) V_rᵀ per matrix, at rank r = ``rank``, the smallest r keeping a
+    fraction ``energy`` of Σσ² (mergekit-extract-lora), or r = ⌊min(m, n)/T⌋ for
+    ``share`` = T, each of T tasks keeping its share of the full rank as TSV-C does (Gargiulo
+    et al., arXiv 2412.00081): r(m + n)/(mn)·(the dtype's bits) bits per entry; other tensors
+    exact."""
 
     rank: int | None
     energy: float | None
+    share: int | None = None
 
     def encode(self, tau: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         if not _is_matrix(tuple(tau.shape)):
@@ -332,6 +336,8 @@ class LowRank(Codec):
         u, s, vh = torch.linalg.svd(tau.float(), full_matrices=False)
         if self.rank is not None:
             r = min(self.rank, s.numel())
+        elif self.share is not None:
+            r = max(1, s.numel() // self.share)
         else:
             energy = torch.cumsum(s.double() ** 2, 0)
             total = float(energy[-1])
@@ -390,7 +396,8 @@ def _number(text: str, what: str, cast: Callable[[str], float]) -> float:
 def parse_codec(spec: str) -> Codec:
     """The codec a spec names: ``exact``, ``int4`` (= ``int4/g128/absmax/zstd``;
     ``int4/g128/absmax`` stores the codes as they are, ``int3/g64/minmax/zstd``),
-    ``topk/0.1``, ``dare/0.9/s42``, ``lowrank/r16`` or ``lowrank/e0.9``, ``sign``."""
+    ``topk/0.1``, ``dare/0.9/s42``, ``lowrank/r16``, ``lowrank/e0.9`` or ``lowrank/t8``
+    (rank ⌊min(m, n)/8⌋), ``sign``."""
     spec = spec.strip().lower()
     if spec == "exact":
         return Exact(spec)
@@ -415,18 +422,21 @@ def parse_codec(spec: str) -> Codec:
         if not 0 <= p < 1:
             raise ConfigError(f"codec {spec!r}: the drop rate must be in [0, 1)")
         return Dare(f"dare/{p:g}/s{seed}", p, seed)
-    if head == "lowrank" and len(args) == 1 and args[0][:1] in ("r", "e"):
+    if head == "lowrank" and len(args) == 1 and args[0][:1] in ("r", "e", "t"):
         value = _number(args[0][1:], spec, float)
-        if args[0][0] == "r":
+        if args[0][0] in "rt":
             if value < 1 or value != int(value):
-                raise ConfigError(f"codec {spec!r}: the rank must be a positive integer")
+                what = "rank" if args[0][0] == "r" else "number of tasks"
+                raise ConfigError(f"codec {spec!r}: the {what} must be a positive integer")
+            if args[0][0] == "t":
+                return LowRank(f"lowrank/t{int(value)}", None, None, int(value))
             return LowRank(f"lowrank/r{int(value)}", int(value), None)
         if not 0 < value <= 1:
             raise ConfigError(f"codec {spec!r}: the energy fraction must be in (0, 1]")
         return LowRank(f"lowrank/e{value:g}", None, value)
     raise ConfigError(
         f"unknown codec {spec!r}; use exact, int8|int4|int3|int2[/gN][/absmax|minmax][/zstd], "
-        "topk/DENSITY, dare/P/sSEED, lowrank/rR or lowrank/eFRACTION, sign"
+        "topk/DENSITY, dare/P/sSEED, lowrank/rR, lowrank/eFRACTION or lowrank/tTASKS, sign"
     )
 
 
