@@ -202,6 +202,9 @@ def test_bad_inputs_are_one_line(setup: dict, llama: Family, tmp_path: Path, no_
         ((base, ea, eb, "--data", a, "--data", f"b={tmp_path / 'nope.jsonl'}"), "nope"),
         ((base, ea, tmp_path / "missing", "--data", a, "--data", b), "missing"),
         ((base, ea, eb, "--data", a, "--data", b, "--fraction", "0"), "fraction"),
+        ((base, ea, eb, "--data", a, "--data", b, "--method", "nope"), "nope"),
+        ((base, ea, eb, "--data", a, "--data", b, "--method", "ties", "--shared", ea), "either"),
+        ((base, ea, eb, "--data", a, "--data", b, "--param", "density"), "KEY=VALUE"),
     ]
     for args, needle in cases:
         res = run_cli("twin", "build", *args, "-o", out, "--no-progress")
@@ -216,3 +219,25 @@ def test_a_scale_that_is_not_finite_is_refused(tmp_path):
     with pytest.raises(IncompatibleError, match="finite"):
         build_twin("base", {"a": "a"}, {"a": "x"}, tmp_path / "out", scale=float("nan"))
     assert not (tmp_path / "out").exists()
+
+
+def test_theta_star_may_be_any_merge_method(setup: dict, tmp_path: Path) -> None:
+    import taskvec as tv
+
+    params = {"density": 0.5, "lambda": 0.7, "weight": 1.0}
+    got = build(setup, tmp_path / "ties", "--method", "ties", "--param", "density=0.5",
+                "--param", "lambda=0.7", "--param", "weight=1")  # fmt: skip
+    config = {
+        "merge_method": "ties",
+        "base_model": str(setup["base"]),
+        "models": [{"model": str(setup["a"])}, {"model": str(setup["b"])}],
+        "parameters": params,
+    }
+    want = load_folder(
+        tv.merge(config, tmp_path / "merged", progress=False) and tmp_path / "merged"
+    )
+    have = load_folder(got)
+    for name, t in want.items():
+        torch.testing.assert_close(have[name], t, rtol=0, atol=0)
+    info = json.loads((got / "twin.json").read_text())
+    assert info["shared"].startswith("ties") and info["scale"] is None

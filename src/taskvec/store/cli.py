@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from taskvec.cli_errors import friendly
+from taskvec.cli_params import key_values, method_parameters
 from taskvec.errors import ConfigError
 from taskvec.io.writer import DEFAULT_SHARD_SIZE
 from taskvec.store.bundle import export_bundle, import_bundle
@@ -23,23 +24,6 @@ _root = click.option(
     default=None,
     help="The store folder (default: $TASKVEC_STORE, else ~/.cache/taskvec/store).",
 )
-
-
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
-    out = {}
-    for v in values:
-        key, sep, value = v.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{what} {v!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
-
-
-def _number(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 @click.group("store")
@@ -101,7 +85,7 @@ def add_cmd(
         if not codec.startswith("int") or "/" in codec:
             raise ConfigError("--group-size and --minmax go with a plain intN codec (e.g. int4)")
         codec = f"{codec}/g{group_size or 128}/{'minmax' if minmax else 'absmax'}/zstd"
-    score_values = {k: float(v) for k, v in _pairs(scores, "--score").items()}
+    score_values = {k: float(v) for k, v in key_values(scores, "--score").items()}
     rec = Store(root, create=True).add(
         name,
         source,
@@ -148,7 +132,7 @@ def add_rtvq_cmd(
     as its offset from it (2 bits)."""
     records = Store(root, create=True).add_rtvq(
         shared,
-        _pairs(members, "member"),
+        key_values(members, "member"),
         base=base,
         shared_codec=shared_codec,
         codec=codec,
@@ -360,7 +344,7 @@ def equip_cmd(
     root: Path | None,
 ) -> None:
     """Write BASE equipped with stored vectors NAME[:λ]... to OUT (base + Σ λ τ, or --method)."""
-    parameters = {k: _number(v) for k, v in _pairs(params, "--param").items()}
+    parameters = method_parameters(params)
     equip(
         Store(root),
         base,

@@ -1,6 +1,8 @@
 """Build a Twin-Merging folder (Lu et al., NeurIPS 2024, arXiv 2406.15479).
 
-* Shared knowledge θ* = task arithmetic θ₀ + λ Σₜ (θₜ − θ₀) (or any merged model given).
+* Shared knowledge θ* = task arithmetic θ₀ + λ Σₜ (θₜ − θ₀), or the merge of the experts by
+  any per-tensor method (``method`` and its ``parameters``, as in a merge config), or any
+  merged model given.
 * Exclusive knowledge vₜ = θₜ − θ*: for a 2-D tensor its rank-k truncated SVD Uₖ Sₖ Vₖᵀ stored
   as factors B = Uₖ (m×k) and A = Sₖ Vₖᵀ (k×n), k = ⌈fraction · min(m, n)⌉ (10 % by default);
   1-D tensors whole; a tensor no expert changed (vₜ = 0 for every t) is not stored.
@@ -32,6 +34,7 @@ from taskvec.errors import IncompatibleError
 from taskvec.forward import batches, checkpoint_names, load_tokenizer
 from taskvec.forward import load_model as load_hf
 from taskvec.io.writer import check_output_path
+from taskvec.merge import merge_tensors, plan_merge
 from taskvec.twin.router import train_router
 
 DEFAULT_FRACTION = 0.1
@@ -72,7 +75,7 @@ class TwinInputs:
     base: str
     experts: dict[str, str]
     data: dict[str, TextData]
-    shared: Model
+    shared: Model | dict[str, Any]  # θ*, or the merge config that makes it
 
 
 def check_inputs(
@@ -81,9 +84,11 @@ def check_inputs(
     data: Mapping[str, str],
     shared: str | os.PathLike[str] | None,
     scale: float,
+    method: tuple[str, Mapping[str, Any]] | None = None,
 ) -> TwinInputs:
     """Refuse, with one line and before any weight is read: fewer than two experts, experts of
-    another architecture, a task without router data or data for no expert, unreadable data."""
+    another architecture, a task without router data or data for no expert, unreadable data,
+    both a merged model and a method for θ*, a merge of θ* that would not plan."""
     if len(experts) < 2:
         raise IncompatibleError("Twin-Merging needs at least two experts")
     b = load_model(base)
@@ -96,7 +101,19 @@ def check_inputs(
     if missing:
         raise RouterDataError(f"no router data for task {missing[0]!r} (give --data TASK=PATH)")
     sources = {t: open_data(p) for t, p in data.items()}
-    if shared is None:
+    merged: Model | dict[str, Any]
+    if shared is not None and method is not None:
+        raise IncompatibleError("θ* is either a merged model (--shared) or a merge (--method)")
+    if method is not None:
+        merged = {
+            "merge_method": method[0],
+            "base_model": str(base),
+            "models": [{"model": str(p)} for p in experts.values()],
+            "parameters": dict(method[1]),
+        }
+        if problems := plan_merge(merged).problems:
+            raise IncompatibleError(f"the merge for θ* ({method[0]}): {problems[0]}")
+    elif shared is None:
         merged = b + scale * sum(m - b for m in models.values())
     else:
         merged = load_model(shared)
@@ -132,6 +149,8 @@ def build_twin(
     out: str | os.PathLike[str],
     *,
     shared: str | os.PathLike[str] | None = None,
+    method: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
     scale: float = DEFAULT_SCALE,
     fraction: float = DEFAULT_FRACTION,
     examples: int | None = 256,
@@ -142,17 +161,23 @@ def build_twin(
     progress: bool = True,
 ) -> Path:
     """Write the twin folder of ``experts`` (task → model folder) over ``base`` to ``out``;
-    ``data`` maps each task to its router data (the first ``examples`` inputs are used)."""
+    ``data`` maps each task to its router data (the first ``examples`` inputs are used). θ* is
+    ``shared`` (a merged model), else the experts merged by ``method`` with ``parameters``,
+    else their task arithmetic at λ = ``scale``."""
     if not 0 < fraction <= 1:
         raise IncompatibleError(f"rank fraction must be in (0, 1], not {fraction}")
     if not math.isfinite(scale):
         raise IncompatibleError(f"task-arithmetic scale must be a finite number, not {scale}")
     out_path = Path(out).expanduser().absolute()
     check_output_path(out_path, overwrite)
-    inputs = check_inputs(base, experts, data, shared, scale)
-    specs = inputs.shared.specs
+    merge = None if method is None else (method, parameters or {})
+    inputs = check_inputs(base, experts, data, shared, scale, merge)
+    theta_star = inputs.shared
+    if isinstance(theta_star, dict):
+        theta_star = load_model(base).patched(merge_tensors(theta_star).tensors)
+    specs = theta_star.specs
     floats = [n for n, s in specs.items() if s.dtype.is_floating_point]
-    theta = {n: inputs.shared.tensor(n).float() for n in floats}
+    theta = {n: theta_star.tensor(n).float() for n in floats}
     experts = {t: load_model(p) for t, p in inputs.experts.items()}
     factors: dict[str, torch.Tensor] = {}
     for n in floats:
@@ -176,8 +201,8 @@ def build_twin(
         "kind": "twin",
         "tasks": list(inputs.experts),
         "fraction": fraction,
-        "scale": None if shared is not None else scale,
-        "shared": str(shared) if shared is not None else "task arithmetic",
+        "scale": scale if shared is None and method is None else None,
+        "shared": _shared_label(shared, method, parameters),
         "hidden": int(feats[0].shape[1]),
         "extra_bytes": extra,
         "seed": seed,
@@ -187,4 +212,15 @@ def build_twin(
         ROUTER: save({k: v.contiguous() for k, v in router.state_dict().items()}),
         INFO: info,
     }
-    return inputs.shared.save(out_path, overwrite=overwrite, progress=progress, records=records)
+    return theta_star.save(out_path, overwrite=overwrite, progress=progress, records=records)
+
+
+def _shared_label(
+    shared: str | os.PathLike[str] | None, method: str | None, parameters: Mapping[str, Any] | None
+) -> str:
+    """What θ* is, for ``twin.json``."""
+    if shared is not None:
+        return str(shared)
+    if method is not None:
+        return f"{method} {dict(parameters or {})}"
+    return "task arithmetic"

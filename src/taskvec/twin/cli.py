@@ -9,6 +9,7 @@ import click
 
 from taskvec.cli_errors import friendly
 from taskvec.cli_experts import expert_labels, experts_arguments
+from taskvec.cli_params import method_parameters
 from taskvec.twin.build import DEFAULT_FRACTION, DEFAULT_SCALE, RouterDataError
 
 _friendly = friendly()
@@ -49,6 +50,12 @@ def twin() -> None:
     help="A merged model to use as θ* (default: task arithmetic).",
 )
 @click.option(
+    "--method",
+    default=None,
+    help="A per-tensor merge method for θ* (default: task arithmetic at --scale).",
+)
+@click.option("--param", "params", multiple=True, help="A parameter of --method, KEY=VALUE.")
+@click.option(
     "--scale",
     type=float,
     default=DEFAULT_SCALE,
@@ -80,6 +87,8 @@ def build_cmd(
     data: tuple[str, ...],
     names: str | None,
     shared: Path | None,
+    method: str | None,
+    params: tuple[str, ...],
     scale: float,
     fraction: float,
     examples: int,
@@ -101,6 +110,8 @@ def build_cmd(
         task_data(data),
         out,
         shared=shared,
+        method=method,
+        parameters=method_parameters(params),
         scale=scale,
         fraction=fraction,
         examples=examples,
