@@ -70,16 +70,15 @@ def _merge_config(bench: Bench, label: str, codec: str) -> dict[str, Any]:
 
 
 def _store_codec(bench: Bench, store: Store, codec: str) -> dict[str, Any]:
-    """Every expert's τ added with ``codec`` (``rtvq``: a shared 3-bit base and 2-bit offsets;
-    ``rtvq:SHARED+OFFSETS`` with those codecs): bytes (the shared base's included), bits and
-    errors."""
+    """Every expert's τ added with ``codec`` (``rtvq``: ``store add-rtvq``'s defaults, a shared
+    3-bit base and 2-bit offsets; ``rtvq:SHARED+OFFSETS`` with those codecs): bytes (the shared
+    base's included), bits and errors."""
     base = bench.ref("base")
     sources = {f"{_slug(codec)}-{t}": bench.ref(f"expert:{t}") for t in bench.tasks}
     if codec.split(":")[0] == "rtvq":
-        codecs = codec.partition(":")[2].split("+") if ":" in codec else ["int3", "int2"]
-        shared, *records = store.add_rtvq(
-            f"{_slug(codec)}-shared", sources, base=base, shared_codec=codecs[0], codec=codecs[1]
-        )
+        chosen = codec.partition(":")[2].split("+") if ":" in codec else []
+        codecs = dict(zip(["shared_codec", "codec"], chosen, strict=False))
+        shared, *records = store.add_rtvq(f"{_slug(codec)}-shared", sources, base=base, **codecs)
     else:
         shared, records = (
             None,

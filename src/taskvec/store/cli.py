@@ -14,7 +14,7 @@ from taskvec.io.writer import DEFAULT_SHARD_SIZE
 from taskvec.store.bundle import export_bundle, import_bundle
 from taskvec.store.equip import equip, parse_terms
 from taskvec.store.records import VectorRecord
-from taskvec.store.store import Store
+from taskvec.store.store import RTVQ_OFFSETS, Store
 
 _friendly = friendly()
 _root = click.option(
@@ -48,7 +48,7 @@ def init_cmd(root: Path | None) -> None:
     "--codec",
     default="exact",
     show_default=True,
-    help="exact, int8|int4|int3|int2, topk/D, dare/P/sSEED, lowrank/rR or lowrank/eF, sign.",
+    help="exact, int8|int4|int3|int2, topk/D, dare/P/sSEED, lowrank/rR|eF|tT, sign.",
 )
 @click.option("--group-size", type=int, default=None, help="Group size of intN codecs.")
 @click.option("--minmax", is_flag=True, help="intN: asymmetric min-max groups (default absmax).")
@@ -111,7 +111,7 @@ def add_cmd(
 @click.argument("members", nargs=-1, required=True)
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="The base model.")
 @click.option("--shared-codec", default="int3", show_default=True, help="Codec of the average.")
-@click.option("--codec", default="int2", show_default=True, help="Codec of each offset.")
+@click.option("--codec", default=RTVQ_OFFSETS, show_default=True, help="Codec of each offset.")
 @click.option("--licence", default=None, help="The licence of the weights.")
 @click.option("--replace", is_flag=True, help="Replace vectors of the same names.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Encoding threads.")
