@@ -17,6 +17,7 @@ import torch
 
 from taskvec.bench.harness import Bench
 from taskvec.bench.twin_row import run_twin
+from taskvec.cli_params import method_parameters
 from taskvec.twin.build import DEFAULT_FRACTION
 
 RESULTS = Path(__file__).parent / "results"
@@ -27,12 +28,16 @@ def main() -> None:
     parser.add_argument("--preset", default="lite")
     parser.add_argument("--fraction", type=float, default=DEFAULT_FRACTION)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default=None, help="θ*'s merge method (default: TA)")
+    parser.add_argument("--param", action="append", default=[], help="KEY=VALUE of --method")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench = Bench.open(args.preset, progress=False)
-    row = run_twin(bench, fraction=args.fraction, echo=print)
+    params = method_parameters(tuple(args.param))
+    row = run_twin(bench, fraction=args.fraction, method=args.method, parameters=params, echo=print)
     row["threads"] = args.threads
     suffix = "" if args.fraction == DEFAULT_FRACTION else f"-f{args.fraction}"
+    suffix += f"-{args.method}" if args.method else ""
     out = RESULTS / f"twin-{args.preset}{suffix}.json"
     out.write_text(json.dumps(row, indent=2) + "\n")
     print(f"wrote {out}")

@@ -35,13 +35,17 @@ from taskvec.bench.sweeps import (
     negate,
     run_sweep,
 )
-from taskvec.bench.twin_row import LABEL as TWIN_LABEL
+from taskvec.bench.twin_row import ROWS as TWIN_ROWS
 from taskvec.bench.twin_row import run_twin
 from taskvec.errors import TaskvecError
 
 SPECIALS: dict[str, str] = {
     EMR_LABEL: "EMR-merging: each task scored with its own modulated model",
-    TWIN_LABEL: "Twin-Merging: shared merge + low-rank experts, each test input routed",
+    **{
+        label: f"Twin-Merging (θ* = {m[0] if m else 'task arithmetic'}): shared merge + "
+        "low-rank experts, each test input routed"
+        for label, m in TWIN_ROWS.items()
+    },
     **{label: f"{r.method} on per-expert {r.kind} statistics" for label, r in DATA_ROWS.items()},
     **{
         label: f"adamerging {g}-wise, entropy on unlabelled test inputs"
@@ -118,8 +122,10 @@ def run_suite(
         echo(label)
         if label == EMR_LABEL:
             merges[label] = run_emr(bench, echo=echo)
-        elif label == TWIN_LABEL:
-            merges[label] = run_twin(bench, echo=echo)
+        elif label in TWIN_ROWS:
+            shared = TWIN_ROWS[label]
+            merge = {} if shared is None else {"method": shared[0], "parameters": shared[1]}
+            merges[label] = run_twin(bench, echo=echo, **merge)
         elif label in DATA_ROWS:
             merges[label] = run_data_row(bench, label, echo=echo)
         elif label in ADAMERGING_LABELS:
