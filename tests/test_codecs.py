@@ -160,3 +160,21 @@ def test_row_ranges_decode_as_the_whole_tensor_does(spec: str) -> None:
 def test_bad_codec_specs_are_refused(spec: str) -> None:
     with pytest.raises(ConfigError):
         parse_codec(spec)
+
+
+@pytest.mark.parametrize("spec", ["int4/g64/absmax", "int3/g32/minmax", "int8/g128/absmax"])
+def test_bfloat16_is_quantised_as_its_float32_values(spec: str) -> None:
+    from taskvec.store import kernels
+
+    tau = (_tau((33, 47), seed=9) * 7).to(torch.bfloat16)  # read as raw bits by the kernels
+    tau[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -3.5, 2.0**-130])  # zeros, tiny, subnormal
+    codec = parse_codec(spec)
+    got, err = codec.encode_measured(tau, "w")
+    want, err_want = codec.encode_measured(tau.float(), "w")
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert err == pytest.approx(err_want, rel=1e-12)
+    x = tau.float().numpy().astype(np.float64)
+    norm2, nonzero = kernels.moments(kernels.kernel_input(tau))
+    assert norm2 == pytest.approx(float((x**2).sum()), rel=1e-12)
+    assert nonzero == int(np.count_nonzero(x))
