@@ -178,3 +178,17 @@ def test_bfloat16_is_quantised_as_its_float32_values(spec: str) -> None:
     norm2, nonzero = kernels.moments(kernels.kernel_input(tau))
     assert norm2 == pytest.approx(float((x**2).sum()), rel=1e-12)
     assert nonzero == int(np.count_nonzero(x))
+
+
+@pytest.mark.parametrize("spec", ["int4/g64/absmax", "int4", "int3/g32/minmax"])
+def test_parts_shorter_than_the_shape_are_refused_not_overrun(spec: str) -> None:
+    codec = parse_codec(spec)
+    parts = codec.encode(_tau((20, 64), seed=3), "w")
+    short = dict(parts)
+    short["scale"] = parts["scale"][:-1]
+    with pytest.raises(ValueError, match="shorter"):
+        codec.decode(short, (20, 64), None, "w")
+    if "codes" in parts:
+        short = {**parts, "codes": parts["codes"][:-8]}
+        with pytest.raises(ValueError, match="shorter"):
+            codec.decode(short, (20, 64), (10, 20), "w")

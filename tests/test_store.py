@@ -295,6 +295,9 @@ def test_cli_list_show_and_errors(taus: list[Path], tmp_path: Path) -> None:
     one_error_line(run_cli("store", "add", "m", taus[1], "--store", root), "already holds")
     one_error_line(run_cli("store", "add", "n", taus[1], "--codec", "int9", "--store", root),
                    "unknown codec")  # fmt: skip
+    for score, needle in (("x=nan", "finite"), ("x=high", "not a number")):
+        res = run_cli("store", "add", "s", taus[1], "--score", score, "--store", root)
+        one_error_line(res, needle)
     one_error_line(run_cli("store", "list", "--store", tmp_path / "none"), "no task-vector store")
     assert run_cli("store", "rm", "m", "--store", root).exit_code == 0
     assert Store(root).names() == []

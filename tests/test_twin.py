@@ -205,6 +205,11 @@ def test_bad_inputs_are_one_line(setup: dict, llama: Family, tmp_path: Path, no_
         ((base, ea, eb, "--data", a, "--data", b, "--method", "nope"), "nope"),
         ((base, ea, eb, "--data", a, "--data", b, "--method", "ties", "--shared", ea), "either"),
         ((base, ea, eb, "--data", a, "--data", b, "--param", "density"), "KEY=VALUE"),
+        (
+            (base, ea, eb, "--data", a, "--data", b, "--method", "ties", "--param", "lambda=nan"),
+            "finite",
+        ),  # fmt: skip
+        ((base, ea, eb, "--data", a, "--data", b, "--method", "fda"), "fda"),
     ]
     for args, needle in cases:
         res = run_cli("twin", "build", *args, "-o", out, "--no-progress")

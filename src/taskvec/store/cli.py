@@ -9,6 +9,7 @@ import click
 
 from taskvec.cli_errors import friendly
 from taskvec.cli_params import key_values, method_parameters
+from taskvec.cli_params import scores as finite_scores
 from taskvec.errors import ConfigError
 from taskvec.io.writer import DEFAULT_SHARD_SIZE
 from taskvec.store.bundle import export_bundle, import_bundle
@@ -85,7 +86,7 @@ def add_cmd(
         if not codec.startswith("int") or "/" in codec:
             raise ConfigError("--group-size and --minmax go with a plain intN codec (e.g. int4)")
         codec = f"{codec}/g{group_size or 128}/{'minmax' if minmax else 'absmax'}/zstd"
-    score_values = {k: float(v) for k, v in key_values(scores, "--score").items()}
+    score_values = finite_scores(scores)
     rec = Store(root, create=True).add(
         name,
         source,

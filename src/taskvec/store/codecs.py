@@ -187,9 +187,6 @@ class GroupQuant(Codec):
     symmetric: bool
     entropy: bool = False
 
-    def _levels(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
-
     def encode(self, tau: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         return self.encode_measured(tau, name)[0]
 
@@ -239,6 +236,8 @@ class GroupQuant(Codec):
             low = np.zeros_like(scale)
         else:
             low = part_rows(parts, "min", g0, g1).float().numpy()
+        if codes.size != (g1 - g0) * per_group or scale.size != g1 - g0 or low.size != g1 - g0:
+            raise ValueError("its stored parts are shorter than its shape needs")  # no overrun
         out = np.empty((g1 - g0) * self.group, np.float32)
         kernels.dequantise(codes, scale, low, self.group, self.bits, self.symmetric, out)
         offset = start - g0 * self.group

@@ -7,9 +7,10 @@ storing an int4 vector of a 1.1B model took 3.8× the time of reading it. :func:
 reads each entry once (bfloat16 as its bits, widened in registers) and writes its packed code;
 :func:`dequantise` reads each code once and writes its value; :func:`moments` is one read.
 Values are float32 with the arithmetic of :class:`taskvec.store.codecs.GroupQuant`'s
-formulas: x/s is divided, not multiplied by a reciprocal, and round-half-to-even, q·s and
-q·s + min are rounded as torch rounds them (the fast-math flags used only let sums of
-squares be reordered), so codes and values are those of the same torch expressions.
+formulas: x/s is divided, not multiplied by a reciprocal, rounding is half-to-even, and q·s and
+q·s + min are single float32 operations (the fast-math flags used only let sums of squares be
+reordered), so codes and values are those of a numpy re-derivation (tests/test_codecs.py).
+The kernels do no bounds checks: callers size every array (decoding checks stored parts).
 
 Codes are packed least-significant bit first: code i of a group occupies bits
 [b·i, b·(i+1)) of the group's little-endian bit stream; a group of G entries (G a multiple
